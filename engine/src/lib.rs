@@ -1,0 +1,4 @@
+//! x
+#![deny(missing_docs)]
+
+pub mod io;

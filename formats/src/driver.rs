@@ -1,0 +1,222 @@
+//! The contracts between format drivers and the rest of rimg.
+//!
+//! - [`FormatDriver`]: one static per format; probing, opening, creating, option tables.
+//! - [`Image`]: an open image, shared by every shard (`Send + Sync`). Answers mapping
+//!   queries with [`Extent`]s; never touches data bytes.
+//! - [`ImageWriter`]: QEMU's proven two-phase write: `allocate` reserves host space and
+//!   returns [`Placement`]s, the engine writes the data, `commit` publishes the metadata.
+//!
+//! Units: every offset and length is in bytes. Guest offsets are [`GuestOff`], host offsets
+//! [`HostOff`]; a [`FileId`] indexes [`Image::files`].
+
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::extent::Extent;
+use crate::file::{FileLayer, FileOpen};
+use crate::opts::{OptionDesc, OptionMap};
+use crate::types::{FileId, GuestOff, HostOff};
+
+/// How an image is to be opened.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// open read-write (a convert target, resize, dd output)
+    pub write: bool,
+    /// `-U`/`--force-share`: read-only open that shares every permission
+    pub force_share: bool,
+    /// do not take image locks at all (`file.locking=off`)
+    pub no_lock: bool,
+}
+
+impl OpenOptions {
+    /// The [`FileOpen`] for the image's own file.
+    pub fn file_open(&self) -> FileOpen {
+        let mut o = if self.write {
+            FileOpen::read_write()
+        } else {
+            FileOpen::read_only(self.force_share)
+        };
+        o.lock = !self.no_lock;
+        o
+    }
+}
+
+/// Preallocation modes (`-o preallocation=` and `resize --preallocation`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Preallocation {
+    /// nothing allocated up front
+    #[default]
+    Off,
+    /// metadata only (qcow2 and friends)
+    Metadata,
+    /// `fallocate` the data area
+    Falloc,
+    /// write zeros over the data area
+    Full,
+}
+
+impl Preallocation {
+    /// Parse qemu's name for the mode.
+    pub fn parse(s: &str) -> Option<Preallocation> {
+        Some(match s {
+            "off" => Preallocation::Off,
+            "metadata" => Preallocation::Metadata,
+            "falloc" => Preallocation::Falloc,
+            "full" => Preallocation::Full,
+            _ => return None,
+        })
+    }
+    /// qemu's name for the mode.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preallocation::Off => "off",
+            Preallocation::Metadata => "metadata",
+            Preallocation::Falloc => "falloc",
+            Preallocation::Full => "full",
+        }
+    }
+}
+
+/// What `create` is asked to make.
+#[derive(Clone, Debug)]
+pub struct CreateSpec {
+    /// path of the image file to create
+    pub path: String,
+    /// virtual size in bytes
+    pub size: u64,
+    /// validated `-o` options (the driver's own names; `size` is in `size`)
+    pub options: OptionMap,
+}
+
+/// A backing file as recorded in an image header. Not opened here: see [`crate::Chain`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackingRef {
+    /// the name as stored (may be relative to the image's directory)
+    pub name: String,
+    /// the format as stored (`backing_fmt`), if any
+    pub format: Option<String>,
+}
+
+/// A format driver: one static per format, listed in [`crate::registry::DRIVERS`].
+pub trait FormatDriver: Sync {
+    /// The format's name, exactly qemu-img's `-f` name.
+    fn name(&self) -> &'static str;
+    /// How sure the driver is that an image starting with `head` (up to 2 KiB of the file;
+    /// shorter for short files) of total length `file_len` is its format: 0 = not mine,
+    /// 1 = fallback (raw), 100 = certain (a magic number matched).
+    fn probe(&self, head: &[u8], file_len: u64) -> u32;
+    /// Open an image whose file is `file`. Must validate every header field before use and
+    /// bound every allocation by the file size; must not do data I/O.
+    fn open(&self, file: Arc<FileLayer>, opts: &OpenOptions) -> Result<Box<dyn Image>>;
+    /// The options `create`, `measure` and `amend` accept for this format, in the order
+    /// qemu-img prints them in the `Formatting` line.
+    fn create_options(&self) -> &'static [OptionDesc];
+    /// Create a new image as `spec` says (the file is created or truncated). Writes metadata
+    /// only; data preallocation the driver cannot do with `fallocate` (writing zeros for
+    /// `preallocation=full`) is returned as [`Action`]s on the new image's files for the
+    /// engine to perform.
+    fn create(&self, spec: &CreateSpec) -> Result<Vec<Action>>;
+    /// Bytes a new image needs: `(required, fully_allocated)` for an image of
+    /// `size` bytes, of which `allocated` bytes hold data (None: measure from `--size`).
+    fn measure(&self, size: u64, allocated: Option<u64>, options: &OptionMap) -> Result<(u64, u64)>;
+}
+
+/// An open image. Shared by all shards; every method takes `&self`.
+pub trait Image: Send + Sync {
+    /// The driver's name (`raw`, `qcow2` ...).
+    fn format(&self) -> &'static str;
+    /// Virtual (guest) size in bytes.
+    fn virtual_size(&self) -> u64;
+    /// The host files holding this image's data; [`FileId`] `i` is `files()[i]`. File 0 is
+    /// the image file itself.
+    fn files(&self) -> &[Arc<FileLayer>];
+    /// The backing file recorded in the image, if any (not opened).
+    fn backing(&self) -> Option<BackingRef> {
+        None
+    }
+    /// Describe `len` bytes from `off` (a hint: the driver may stop early, e.g. at a table
+    /// boundary). Appends extents to `out`, merged where contiguous, and returns the number
+    /// of guest bytes covered. Returns 0 only when `off >= virtual_size()`. Extents past the
+    /// virtual size are never returned.
+    fn map(&self, off: GuestOff, len: u64, out: &mut Vec<Extent>) -> Result<u64>;
+    /// The `format-specific` data of `info --output=json` (`None` when qemu prints none).
+    fn format_specific(&self) -> Option<serde_json::Value> {
+        None
+    }
+    /// Whether the image's dirty flag is set (`dirty-flag` in `info`).
+    fn dirty(&self) -> bool {
+        false
+    }
+    /// A writer, if the image was opened for writing.
+    fn writer(&self) -> Result<Box<dyn ImageWriter>>;
+}
+
+/// Where the engine must write guest bytes of an allocation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// guest range start
+    pub guest: GuestOff,
+    /// guest range length
+    pub len: u64,
+    /// which of the image's files
+    pub file: FileId,
+    /// where in that file
+    pub host: HostOff,
+}
+
+/// A host-side action the engine performs on behalf of a writer (no data buffer involved).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// deallocate (reads return zeros)
+    PunchHole {
+        /// which file
+        file: FileId,
+        /// where
+        host: HostOff,
+        /// how much
+        len: u64,
+    },
+    /// zero, keeping the blocks allocated
+    ZeroRange {
+        /// which file
+        file: FileId,
+        /// where
+        host: HostOff,
+        /// how much
+        len: u64,
+    },
+    /// write zero bytes (when the file system supports neither of the above)
+    WriteZeroes {
+        /// which file
+        file: FileId,
+        /// where
+        host: HostOff,
+        /// how much
+        len: u64,
+    },
+}
+
+/// Identifies one allocation until it is committed or aborted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket(pub u64);
+
+/// The write side of an open image. Owned by one thread (the engine's metadata owner).
+pub trait ImageWriter: Send {
+    /// Reserve host space for guest bytes `[off, off+len)` and append where the engine must
+    /// write them to `out`. No data I/O; no metadata is published yet.
+    fn allocate(&mut self, off: GuestOff, len: u64, out: &mut Vec<Placement>) -> Result<Ticket>;
+    /// Publish the metadata of allocations whose data writes have all completed.
+    fn commit(&mut self, tickets: &[Ticket]) -> Result<()>;
+    /// Make guest bytes `[off, off+len)` read as zeros. Appends host actions the engine must
+    /// perform to `out`; `may_unmap` allows deallocating.
+    fn zero(&mut self, off: GuestOff, len: u64, may_unmap: bool, out: &mut Vec<Action>)
+        -> Result<()>;
+    /// Change the virtual size to `new_size` (the caller has checked shrinking is allowed),
+    /// preallocating any new area as `prealloc` says.
+    /// Returns the zero-writing actions `preallocation=full` needs, for the engine.
+    fn resize(&mut self, new_size: u64, prealloc: Preallocation) -> Result<Vec<Action>>;
+    /// Write all metadata in order (refcounts → L2 → L1 → header) and sync.
+    fn flush(&mut self) -> Result<()>;
+    /// Finish: flush and clear the dirty state.
+    fn close(self: Box<Self>) -> Result<()>;
+}
