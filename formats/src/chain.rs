@@ -9,7 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::driver::{FormatDriver, Image, OpenOptions};
+use crate::driver::{Access, FormatDriver, Image, OpenOptions};
 use crate::error::{Error, Result};
 use crate::extent::Extent;
 use crate::file::FileLayer;
@@ -98,7 +98,7 @@ impl Chain {
             }
             seen.push(id);
             let bopts = OpenOptions {
-                write: false,
+                access: Access::Read,
                 force_share: opts.force_share,
                 no_lock: opts.no_lock,
             };
@@ -181,7 +181,7 @@ impl Chain {
             if let Extent::Unallocated { .. } = e {
                 let mut done = 0;
                 while done < l {
-                    let n = self.map_at(depth + 1, pos.add(done), l - done, out)?;
+                    let n = self.map_at(depth + 1, pos.plus(done), l - done, out)?;
                     if n == 0 {
                         break;
                     }
@@ -190,7 +190,7 @@ impl Chain {
             } else {
                 push_chain(out, ChainExtent { depth, extent: e });
             }
-            pos = pos.add(l);
+            pos = pos.plus(l);
         }
         Ok(covered)
     }
@@ -212,7 +212,9 @@ pub fn resolve_backing(overlay: &str, backing: &str) -> String {
         return backing.to_string();
     }
     match Path::new(overlay).parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.join(backing).to_string_lossy().into_owned(),
+        Some(dir) if !dir.as_os_str().is_empty() => {
+            dir.join(backing).to_string_lossy().into_owned()
+        }
         _ => backing.to_string(),
     }
 }
@@ -227,7 +229,10 @@ mod tests {
 
     #[test]
     fn relative_backing_names() {
-        assert_eq!(resolve_backing("/a/b/top.qcow2", "base.raw"), "/a/b/base.raw");
+        assert_eq!(
+            resolve_backing("/a/b/top.qcow2", "base.raw"),
+            "/a/b/base.raw"
+        );
         assert_eq!(resolve_backing("top.qcow2", "base.raw"), "base.raw");
         assert_eq!(resolve_backing("/a/top", "/abs/base"), "/abs/base");
     }

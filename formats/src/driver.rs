@@ -14,30 +14,70 @@ use std::sync::Arc;
 use crate::error::Result;
 use crate::extent::Extent;
 use crate::file::{FileLayer, FileOpen};
+use crate::lock::Perms;
 use crate::opts::{OptionDesc, OptionMap};
 use crate::types::{FileId, GuestOff, HostOff};
+
+/// What an open is for; decides read-write and the QEMU lock bytes, exactly as qemu-img's
+/// commands take them (measured with strace on qemu-img 10.0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Access {
+    /// `info`: read-only, no locks taken or checked at all
+    Info,
+    /// read-only, holds "consistent read", shares everything (map, check, measure, compare,
+    /// dd input, backing files, convert sources with `-U`)
+    #[default]
+    Read,
+    /// read-only, holds "consistent read", refuses to share write and resize (convert sources)
+    ReadUnshared,
+    /// read-write, holds read and write, shares everything (convert/dd targets, amend ...)
+    Write,
+    /// read-write, holds read, write and resize, shares everything (resize)
+    Resize,
+}
 
 /// How an image is to be opened.
 #[derive(Clone, Debug, Default)]
 pub struct OpenOptions {
-    /// open read-write (a convert target, resize, dd output)
-    pub write: bool,
-    /// `-U`/`--force-share`: read-only open that shares every permission
+    /// what for (read-write or not, which locks)
+    pub access: Access,
+    /// `-U`/`--force-share`: a read-only open shares every permission
     pub force_share: bool,
     /// do not take image locks at all (`file.locking=off`)
     pub no_lock: bool,
 }
 
 impl OpenOptions {
+    /// Options for `access` with defaults otherwise.
+    pub fn new(access: Access) -> OpenOptions {
+        OpenOptions {
+            access,
+            ..Default::default()
+        }
+    }
+
+    /// Whether the image is opened read-write.
+    pub fn write(&self) -> bool {
+        matches!(self.access, Access::Write | Access::Resize)
+    }
+
     /// The [`FileOpen`] for the image's own file.
     pub fn file_open(&self) -> FileOpen {
-        let mut o = if self.write {
-            FileOpen::read_write()
-        } else {
-            FileOpen::read_only(self.force_share)
+        let rd = Perms::CONSISTENT_READ;
+        let (perm, shared, lock) = match self.access {
+            Access::Info => (rd, Perms::ALL, false),
+            Access::Read => (rd, Perms::ALL, true),
+            Access::ReadUnshared if self.force_share => (rd, Perms::ALL, true),
+            Access::ReadUnshared => (rd, rd.or(Perms::WRITE_UNCHANGED), true),
+            Access::Write => (rd.or(Perms::WRITE), Perms::ALL, true),
+            Access::Resize => (rd.or(Perms::WRITE).or(Perms::RESIZE), Perms::ALL, true),
         };
-        o.lock = !self.no_lock;
-        o
+        FileOpen {
+            write: self.write(),
+            perm,
+            shared,
+            lock: lock && !self.no_lock,
+        }
     }
 }
 
@@ -118,7 +158,8 @@ pub trait FormatDriver: Sync {
     fn create(&self, spec: &CreateSpec) -> Result<Vec<Action>>;
     /// Bytes a new image needs: `(required, fully_allocated)` for an image of
     /// `size` bytes, of which `allocated` bytes hold data (None: measure from `--size`).
-    fn measure(&self, size: u64, allocated: Option<u64>, options: &OptionMap) -> Result<(u64, u64)>;
+    fn measure(&self, size: u64, allocated: Option<u64>, options: &OptionMap)
+        -> Result<(u64, u64)>;
 }
 
 /// An open image. Shared by all shards; every method takes `&self`.
@@ -209,8 +250,13 @@ pub trait ImageWriter: Send {
     fn commit(&mut self, tickets: &[Ticket]) -> Result<()>;
     /// Make guest bytes `[off, off+len)` read as zeros. Appends host actions the engine must
     /// perform to `out`; `may_unmap` allows deallocating.
-    fn zero(&mut self, off: GuestOff, len: u64, may_unmap: bool, out: &mut Vec<Action>)
-        -> Result<()>;
+    fn zero(
+        &mut self,
+        off: GuestOff,
+        len: u64,
+        may_unmap: bool,
+        out: &mut Vec<Action>,
+    ) -> Result<()>;
     /// Change the virtual size to `new_size` (the caller has checked shrinking is allowed),
     /// preallocating any new area as `prealloc` says.
     /// Returns the zero-writing actions `preallocation=full` needs, for the engine.

@@ -37,6 +37,15 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// Creating a file failed.
+    #[error("Could not create '{path}': {}", strerror(.source))]
+    Create {
+        /// path as given
+        path: String,
+        /// cause
+        #[source]
+        source: io::Error,
+    },
     /// Opening a file failed with a message of our own (a directory, a bad device).
     #[error("Could not open '{path}': {why}")]
     OpenWhy {
@@ -91,7 +100,7 @@ impl Error {
     /// The stable kind of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Open { .. } | Error::OpenWhy { .. } => ErrorKind::Open,
+            Error::Open { .. } | Error::OpenWhy { .. } | Error::Create { .. } => ErrorKind::Open,
             Error::Io { .. } => ErrorKind::Io,
             Error::Locked { .. } => ErrorKind::Locked,
             Error::Corrupt { .. } => ErrorKind::Corrupt,

@@ -94,13 +94,13 @@ impl Extent {
         let mut e = self.clone();
         match &mut e {
             Extent::Data { host, len, .. } => {
-                *host = host.add(n);
+                *host = host.plus(n);
                 *len -= n;
             }
             Extent::Zero { len, at, .. } => {
                 *len -= n;
                 if let Some((_, h)) = at {
-                    *h = h.add(n);
+                    *h = h.plus(n);
                 }
             }
             Extent::Unallocated { len } => *len -= n,
@@ -122,7 +122,7 @@ impl Extent {
                     host: h2,
                     len: l2,
                 },
-            ) if file == f2 && host.add(*len) == *h2 => {
+            ) if file == f2 && host.plus(*len) == *h2 => {
                 *len += l2;
                 true
             }
@@ -136,7 +136,7 @@ impl Extent {
             ) if explicit == e2
                 && match (at.as_ref(), a2) {
                     (None, None) => true,
-                    (Some((f, h)), Some((f2, h2))) => f == f2 && h.add(*len) == *h2,
+                    (Some((f, h)), Some((f2, h2))) => f == f2 && h.plus(*len) == *h2,
                     _ => false,
                 } =>
             {
@@ -172,19 +172,48 @@ mod tests {
     #[test]
     fn merge_data_contiguous_only() {
         let mut v = Vec::new();
-        push_merged(&mut v, Extent::Data { file: FileId(0), host: HostOff(0), len: 10 });
-        push_merged(&mut v, Extent::Data { file: FileId(0), host: HostOff(10), len: 5 });
-        push_merged(&mut v, Extent::Data { file: FileId(0), host: HostOff(100), len: 5 });
+        push_merged(
+            &mut v,
+            Extent::Data {
+                file: FileId(0),
+                host: HostOff(0),
+                len: 10,
+            },
+        );
+        push_merged(
+            &mut v,
+            Extent::Data {
+                file: FileId(0),
+                host: HostOff(10),
+                len: 5,
+            },
+        );
+        push_merged(
+            &mut v,
+            Extent::Data {
+                file: FileId(0),
+                host: HostOff(100),
+                len: 5,
+            },
+        );
         assert_eq!(v.len(), 2);
         assert_eq!(v[0].len(), 15);
     }
 
     #[test]
     fn advance_moves_host() {
-        let e = Extent::Zero { len: 10, explicit: true, at: Some((FileId(0), HostOff(4))) };
+        let e = Extent::Zero {
+            len: 10,
+            explicit: true,
+            at: Some((FileId(0), HostOff(4))),
+        };
         assert_eq!(
             e.advance(3),
-            Extent::Zero { len: 7, explicit: true, at: Some((FileId(0), HostOff(7))) }
+            Extent::Zero {
+                len: 7,
+                explicit: true,
+                at: Some((FileId(0), HostOff(7)))
+            }
         );
     }
 }

@@ -30,28 +30,22 @@ pub struct FileOpen {
 }
 
 impl FileOpen {
-    /// A read-only open as qemu-img does it: consistent read, sharing only read and
-    /// write-unchanged; with `force_share` everything is shared.
-    pub fn read_only(force_share: bool) -> FileOpen {
+    /// A read-only open holding "consistent read" and sharing everything.
+    pub fn read_only() -> FileOpen {
         FileOpen {
             write: false,
             perm: Perms::CONSISTENT_READ,
-            shared: if force_share {
-                Perms::ALL
-            } else {
-                Perms::CONSISTENT_READ.or(Perms::WRITE_UNCHANGED)
-            },
+            shared: Perms::ALL,
             lock: true,
         }
     }
 
-    /// A read-write open as qemu-img does it (write and resize held, nothing but read and
-    /// write-unchanged shared).
-    pub fn read_write() -> FileOpen {
+    /// The open of qemu's create step: write and resize held, resize not shared.
+    pub fn create() -> FileOpen {
         FileOpen {
             write: true,
-            perm: Perms::CONSISTENT_READ.or(Perms::WRITE).or(Perms::RESIZE),
-            shared: Perms::CONSISTENT_READ.or(Perms::WRITE_UNCHANGED),
+            perm: Perms::WRITE.or(Perms::RESIZE),
+            shared: Perms(Perms::ALL.0 & !Perms::RESIZE.0),
             lock: true,
         }
     }
@@ -117,7 +111,8 @@ impl FileLayer {
     }
 
     /// Create (or truncate) `path` as an empty regular file, as QEMU's file layer does for
-    /// `create`, and open it read-write with locks.
+    /// `create`: the locks are checked before anything is truncated. Errors are worded
+    /// `Could not create 'path': ...`.
     pub fn create(path: &str) -> Result<FileLayer> {
         std::fs::OpenOptions::new()
             .write(true)
@@ -126,11 +121,11 @@ impl FileLayer {
             .mode(0o644)
             .custom_flags(libc::O_CLOEXEC)
             .open(path)
-            .map_err(|source| Error::Open {
+            .map_err(|source| Error::Create {
                 path: path.to_string(),
                 source,
             })?;
-        let f = FileLayer::open(path, &FileOpen::read_write())?;
+        let f = FileLayer::open(path, &FileOpen::create())?;
         if !f.block_device {
             f.set_len(0)?;
         }
@@ -302,7 +297,7 @@ mod tests {
     fn directory_is_refused_with_qemu_wording() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().to_str().unwrap();
-        let e = FileLayer::open(p, &FileOpen::read_only(false)).unwrap_err();
+        let e = FileLayer::open(p, &FileOpen::read_only()).unwrap_err();
         assert_eq!(
             e.to_string(),
             format!("Could not open '{p}': 'file' driver requires '{p}' to be a regular file")
@@ -317,7 +312,7 @@ mod tests {
         f.set_len(1 << 20).unwrap();
         f.write_all_at(&[1u8; 4096], 65536).unwrap();
         drop(f);
-        let l = FileLayer::open(p.to_str().unwrap(), &FileOpen::read_only(false)).unwrap();
+        let l = FileLayer::open(p.to_str().unwrap(), &FileOpen::read_only()).unwrap();
         let (s, e) = l.next_data(0).unwrap().unwrap();
         assert!(s <= 65536 && e >= 65536 + 4096, "{s} {e}");
     }

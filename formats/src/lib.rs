@@ -31,8 +31,8 @@ pub mod types;
 
 pub use chain::{Chain, ChainExtent};
 pub use driver::{
-    Action, BackingRef, CreateSpec, FormatDriver, Image, ImageWriter, OpenOptions, Placement,
-    Preallocation, Ticket,
+    Access, Action, BackingRef, CreateSpec, FormatDriver, Image, ImageWriter, OpenOptions,
+    Placement, Preallocation, Ticket,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use extent::{Codec, Extent};

@@ -149,7 +149,10 @@ mod tests {
         apply(&a, ps, rw, keep).unwrap();
         let b = File::options().read(true).write(true).open(&p).unwrap();
         let err = apply(&b, ps, rw, keep).unwrap_err();
-        assert!(err.to_string().contains("Failed to get \"write\" lock"), "{err}");
+        assert!(
+            err.to_string().contains("Failed to get \"write\" lock"),
+            "{err}"
+        );
         // A force-share reader gets in; a plain reader does not (it refuses to share write).
         let c = File::open(&p).unwrap();
         apply(&c, ps, Perms::CONSISTENT_READ, Perms::ALL).unwrap();

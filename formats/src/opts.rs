@@ -27,7 +27,13 @@ pub fn parse_size(s: &str, default_unit: u64) -> std::result::Result<u64, SizeEr
     };
     let body = &t[digits_start..];
     let int_len = body
-        .find(|c: char| !(if hex { c.is_ascii_hexdigit() } else { c.is_ascii_digit() }))
+        .find(|c: char| {
+            !(if hex {
+                c.is_ascii_hexdigit()
+            } else {
+                c.is_ascii_digit()
+            })
+        })
         .unwrap_or(body.len());
     if int_len == 0 {
         return Err(SizeError::Invalid);
@@ -208,9 +214,7 @@ impl OptionMap {
                 }
                 OptKind::Bool => {
                     parse_bool(v).ok_or_else(|| {
-                        Error::InvalidArgument(format!(
-                            "Parameter '{k}' expects 'on' or 'off'"
-                        ))
+                        Error::InvalidArgument(format!("Parameter '{k}' expects 'on' or 'off'"))
                     })?;
                 }
                 OptKind::Number => {
@@ -246,7 +250,10 @@ mod tests {
         assert_eq!(parse_size("0x1000", 1), Ok(4096));
         assert_eq!(parse_size("12Q", 1), Err(SizeError::Invalid));
         assert_eq!(parse_size("-5", 1), Err(SizeError::Invalid));
-        assert_eq!(parse_size("99999999999999999999", 1), Err(SizeError::Overflow));
+        assert_eq!(
+            parse_size("99999999999999999999", 1),
+            Err(SizeError::Overflow)
+        );
         assert_eq!(parse_size("16E", 1), Err(SizeError::Overflow));
         assert_eq!(parse_size("", 1), Err(SizeError::Invalid));
     }

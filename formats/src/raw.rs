@@ -52,9 +52,7 @@ fn raw_prealloc(options: &OptionMap) -> Result<Preallocation> {
 /// Extend `file` from `from` to `to` bytes as `prealloc` says; returns engine actions.
 fn grow(file: &FileLayer, from: u64, to: u64, prealloc: Preallocation) -> Result<Vec<Action>> {
     if file.is_block_device() {
-        return Err(Error::Unsupported(
-            "Cannot grow device files".to_string(),
-        ));
+        return Err(Error::Unsupported("Cannot grow device files".to_string()));
     }
     match prealloc {
         Preallocation::Off | Preallocation::Metadata => {
@@ -99,7 +97,7 @@ impl FormatDriver for RawDriver {
             files: [file],
             size,
             file_len: len,
-            write: opts.write,
+            write: opts.write(),
         }))
     }
 
@@ -117,7 +115,12 @@ impl FormatDriver for RawDriver {
         grow(&file, 0, spec.size, prealloc)
     }
 
-    fn measure(&self, size: u64, _allocated: Option<u64>, options: &OptionMap) -> Result<(u64, u64)> {
+    fn measure(
+        &self,
+        size: u64,
+        _allocated: Option<u64>,
+        options: &OptionMap,
+    ) -> Result<(u64, u64)> {
         options.validate(RAW_OPTIONS)?;
         raw_prealloc(options)?;
         Ok((size, size))
@@ -289,7 +292,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("r");
         std::fs::write(&p, vec![7u8; 5000]).unwrap();
-        let f = Arc::new(FileLayer::open(p.to_str().unwrap(), &FileOpen::read_only(false)).unwrap());
+        let f = Arc::new(FileLayer::open(p.to_str().unwrap(), &FileOpen::read_only()).unwrap());
         let img = RAW.open(f, &OpenOptions::default()).unwrap();
         assert_eq!(img.virtual_size(), 5120);
         let mut v = Vec::new();
@@ -297,8 +300,16 @@ mod tests {
         assert_eq!(
             v,
             vec![
-                Extent::Data { file: FileId(0), host: HostOff(0), len: 5000 },
-                Extent::Zero { len: 120, explicit: true, at: Some((FileId(0), HostOff(5000))) },
+                Extent::Data {
+                    file: FileId(0),
+                    host: HostOff(0),
+                    len: 5000
+                },
+                Extent::Zero {
+                    len: 120,
+                    explicit: true,
+                    at: Some((FileId(0), HostOff(5000)))
+                },
             ]
         );
     }
@@ -311,7 +322,7 @@ mod tests {
         f.set_len(4 << 20).unwrap();
         f.write_all_at(&[1u8; 65536], 1 << 20).unwrap();
         drop(f);
-        let f = Arc::new(FileLayer::open(p.to_str().unwrap(), &FileOpen::read_only(false)).unwrap());
+        let f = Arc::new(FileLayer::open(p.to_str().unwrap(), &FileOpen::read_only()).unwrap());
         let img = RAW.open(f, &OpenOptions::default()).unwrap();
         let mut v = Vec::new();
         img.map(GuestOff(0), u64::MAX, &mut v).unwrap();

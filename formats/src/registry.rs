@@ -10,10 +10,34 @@ pub static DRIVERS: &[&dyn FormatDriver] = &[&crate::raw::RAW];
 /// Image formats qemu-img 10.x knows that rimg does not implement yet: named in a clear
 /// "not supported yet" error instead of qemu-img's "Unknown driver".
 const QEMU_FORMATS: &[&str] = &[
-    "blkdebug", "blklogwrites", "blkverify", "bochs", "cloop", "compress", "copy-before-write",
-    "copy-on-read", "dmg", "file", "host_device", "luks", "nbd", "null-co", "null-aio",
-    "parallels", "preallocate", "qcow", "qcow2", "qed", "quorum", "snapshot-access", "throttle",
-    "vdi", "vhdx", "vmdk", "vpc", "vvfat",
+    "blkdebug",
+    "blklogwrites",
+    "blkverify",
+    "bochs",
+    "cloop",
+    "compress",
+    "copy-before-write",
+    "copy-on-read",
+    "dmg",
+    "file",
+    "host_device",
+    "luks",
+    "nbd",
+    "null-co",
+    "null-aio",
+    "parallels",
+    "preallocate",
+    "qcow",
+    "qcow2",
+    "qed",
+    "quorum",
+    "snapshot-access",
+    "throttle",
+    "vdi",
+    "vhdx",
+    "vmdk",
+    "vpc",
+    "vvfat",
 ];
 
 /// The driver called `name` (qemu-img's `-f` names).

@@ -17,7 +17,7 @@ pub struct FileId(pub u32);
 
 impl GuestOff {
     /// The offset `len` bytes further on.
-    pub fn add(self, len: u64) -> GuestOff {
+    pub fn plus(self, len: u64) -> GuestOff {
         GuestOff(self.0 + len)
     }
     /// Index of the cluster holding this offset, for clusters of `1 << cluster_bits` bytes.
@@ -32,7 +32,7 @@ impl GuestOff {
 
 impl HostOff {
     /// The offset `len` bytes further on.
-    pub fn add(self, len: u64) -> HostOff {
+    pub fn plus(self, len: u64) -> HostOff {
         HostOff(self.0 + len)
     }
 }
@@ -58,6 +58,6 @@ mod tests {
         let g = GuestOff(0x1_2345);
         assert_eq!(g.cluster(16), 1);
         assert_eq!(g.in_cluster(16), 0x2345);
-        assert_eq!(g.add(0x10), GuestOff(0x1_2355));
+        assert_eq!(g.plus(0x10), GuestOff(0x1_2355));
     }
 }

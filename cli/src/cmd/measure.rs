@@ -1,0 +1,106 @@
+//! `measure`: how much space a new image needs.
+
+use anyhow::{anyhow, bail, Result};
+use rimg_formats::opts::OptionMap;
+use rimg_formats::registry;
+use rimg_formats::Access;
+use serde_json::json;
+
+use super::parse;
+use crate::common::{output_format, ImageSpec};
+use crate::getopt::{o, OptSpec};
+use crate::output::qemu_json;
+
+const SPECS: &[OptSpec] = &[
+    o('h', "help", false),
+    o('f', "format", true),
+    o('\0', "image-opts", false),
+    o('l', "snapshot", true),
+    o('O', "target-format", true),
+    o('o', "options", true),
+    o('\0', "size", true),
+    o('\0', "output", true),
+    o('U', "force-share", false),
+    o('\0', "object", true),
+];
+
+const HELP: &str = "Calculate the file size required for a new image.  Usage:
+
+  qemu-img measure [-f FMT|--image-opts] [-l SNAPSHOT]
+        [-O TARGET_FMT] [-o TARGET_OPTS] [--output human|json]
+        [--object OBJDEF] (--size SIZE | FILE)
+
+Arguments:
+  -h, --help
+     print this help and exit
+  -f, --source-format FMT
+     specify format of FILE explicitly (default: probing is used)
+  --image-opts
+     indicates that FILE is a complete image specification
+     instead of a file name (incompatible with --source-format)
+  -l, --source-snapshot SNAPSHOT_PARAMS
+     use this snapshot in FILE as source
+  -O, --target-format TARGET_FMT
+     desired target/output image format (default: raw)
+  -o TARGET_OPTS
+     options specific to TARGET_FMT
+  --output human|json
+     output format (default: human)
+  -U, --force-share
+     open images in shared mode for concurrent access
+  --object OBJDEF
+     defines QEMU user-creatable object
+  -s, --size SIZE[bKMGTPE]
+     measure file size for given image size,
+     with optional multiplier suffix (powers of 1024)
+  FILE
+     measure file size required to convert from FILE (either a file name
+     or an option string (key=value,..) with --image-opts)
+";
+
+/// Run `measure`.
+pub fn run(args: &[String]) -> Result<i32> {
+    let o = parse("measure", args, SPECS, HELP)?;
+    let json = output_format("measure", o.get("output"))?;
+    let fmt = o.get("target-format").unwrap_or("raw");
+    let driver = registry::find(fmt).map_err(|e| anyhow!("{e}"))?;
+    let mut opts = OptionMap::default();
+    for s in o.all("options") {
+        opts.extend_from(s);
+    }
+    if opts.wants_help() {
+        super::create::print_option_help(driver);
+        return Ok(0);
+    }
+    let file = o.pos.first();
+    if o.pos.len() > 1 {
+        bail!("Unexpected argument: {}", o.pos[1]);
+    }
+    let size_arg = o.get("size");
+    let (size, allocated) = match (file, size_arg) {
+        (Some(_), Some(_)) => bail!("--size N cannot be used together with a filename."),
+        (None, None) => bail!("Either --size N or one filename must be specified."),
+        (None, Some(s)) => match rimg_formats::opts::parse_size(s, 1) {
+            Ok(n) if n <= i64::MAX as u64 => (n, None),
+            _ => bail!("Invalid image size specified. Must be between 0 and 9223372036854775807."),
+        },
+        (Some(f), None) => {
+            let spec = ImageSpec::resolve(f, o.get("format"), o.has("image-opts"))?;
+            let chain = spec.open_chain(Access::Read, o.has("force-share"))?;
+            let size = chain.virtual_size();
+            (size, Some(size))
+        }
+    };
+    let (required, full) = driver
+        .measure(size, allocated, &opts)
+        .map_err(|e| anyhow!("{e}"))?;
+    if json {
+        println!(
+            "{}",
+            qemu_json(&json!({"required": required, "fully-allocated": full}))
+        );
+    } else {
+        println!("required size: {required}\nfully allocated size: {full}");
+    }
+    Ok(0)
+}

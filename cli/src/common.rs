@@ -1,0 +1,159 @@
+//! Pieces every command shares: the program name, error reporting, image opening.
+
+use std::sync::OnceLock;
+
+use anyhow::{anyhow, bail, Result};
+use rimg_formats::opts::OptionMap;
+use rimg_formats::{Access, Chain, OpenOptions};
+
+static PROGNAME: OnceLock<String> = OnceLock::new();
+
+/// Remember the name we were run as: `qemu-img` when installed in its place, so messages
+/// carry the same prefix qemu-img's do.
+pub fn set_progname(argv0: &str) {
+    let base = std::path::Path::new(argv0)
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "rimg".into());
+    let _ = PROGNAME.set(base);
+}
+
+/// The program name for messages.
+pub fn progname() -> &'static str {
+    PROGNAME.get().map(String::as_str).unwrap_or("rimg")
+}
+
+/// Print `prog: msg` on stderr (each line of a multi-line message as qemu prints it).
+pub fn report(msg: &str) {
+    eprintln!("{}: {msg}", progname());
+}
+
+/// An error that carries its exit code.
+#[derive(Debug)]
+pub struct Exit(pub i32);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit {}", self.0)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+/// Exit with `code` without printing anything more.
+pub fn exit_code(code: i32) -> anyhow::Error {
+    anyhow!(Exit(code))
+}
+
+/// Where an image is and how to open it, from `-f`, `--image-opts` and the filename.
+#[derive(Clone, Debug, Default)]
+pub struct ImageSpec {
+    /// path of the image file
+    pub path: String,
+    /// format, if given
+    pub format: Option<String>,
+    /// `file.locking=off`
+    pub no_lock: bool,
+}
+
+impl ImageSpec {
+    /// Resolve a filename argument: a plain path, or with `--image-opts` an option string
+    /// such as `driver=raw,file.filename=disk.img`.
+    pub fn resolve(arg: &str, format: Option<&str>, image_opts: bool) -> Result<ImageSpec> {
+        if !image_opts {
+            return Ok(ImageSpec {
+                path: arg.to_string(),
+                format: format.map(str::to_string),
+                no_lock: false,
+            });
+        }
+        let mut m = OptionMap::parse(arg);
+        let mut spec = ImageSpec {
+            format: m.take("driver"),
+            ..Default::default()
+        };
+        let file = m
+            .take("file.filename")
+            .or_else(|| m.take("filename"))
+            .or_else(|| m.take("file"));
+        if let Some(d) = m.take("file.driver") {
+            if d != "file" && d != "host_device" {
+                bail!("Unknown protocol driver '{d}': rimg supports 'file' and 'host_device'");
+            }
+        }
+        match m.take("file.locking").as_deref() {
+            None | Some("auto") | Some("on") => {}
+            Some("off") => spec.no_lock = true,
+            Some(v) => bail!("Parameter 'locking' does not accept value '{v}'"),
+        }
+        if let Some((k, _)) = m.items().first() {
+            bail!("Invalid option '{k}' in image options '{arg}'");
+        }
+        spec.path = file.ok_or_else(|| anyhow!("A block device must be specified for \"file\""))?;
+        Ok(spec)
+    }
+
+    /// Open the image's whole chain for `access`.
+    pub fn open_chain(&self, access: Access, force_share: bool) -> Result<Chain> {
+        let opts = OpenOptions {
+            access,
+            force_share,
+            no_lock: self.no_lock,
+        };
+        let chain = Chain::open(&self.path, self.format.as_deref(), &opts)
+            .map_err(|e| anyhow!(open_message(&self.path, e)))?;
+        if opts.write() {
+            warn_probed_raw(&chain);
+        }
+        Ok(chain)
+    }
+}
+
+/// Word an open error as qemu-img does: `Could not open 'x': ...`.
+pub fn open_message(path: &str, e: rimg_formats::Error) -> String {
+    use rimg_formats::Error as E;
+    match e {
+        E::Open { .. } => format!("Could not open '{path}': {e}"),
+        E::OpenWhy { .. } | E::Locked { .. } => e.to_string(),
+        E::InvalidArgument(m) | E::Unsupported(m) => format!("Could not open '{path}': {m}"),
+        other => other.to_string(),
+    }
+}
+
+/// qemu-img's warning when a raw image is opened for writing without `-f`.
+pub fn warn_probed_raw(chain: &Chain) {
+    let top = &chain.layers()[0];
+    if top.probed && top.image.format() == "raw" {
+        eprintln!(
+            "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions.",
+            top.filename
+        );
+    }
+}
+
+/// Parse `--output`: `human` or `json` (anything else is a usage error of `cmd`).
+pub fn output_format(cmd: &str, v: Option<&str>) -> Result<bool> {
+    match v {
+        None | Some("human") => Ok(false),
+        Some("json") => Ok(true),
+        Some(o) => Err(crate::cmd::usage_error(
+            cmd,
+            &format!("--output expects 'human' or 'json' not '{o}'"),
+        )),
+    }
+}
+
+/// Whether engine diagnostics were asked for (`--verbose` before the command, or
+/// `RIMG_VERBOSE=1`).
+pub fn verbose() -> bool {
+    VERBOSE.load(std::sync::atomic::Ordering::Relaxed)
+        || std::env::var_os("RIMG_VERBOSE").is_some_and(|v| v == "1")
+}
+
+/// Set by the global `--verbose` option.
+pub static VERBOSE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Parse a cache mode argument (`-t`/`-T`).
+pub fn cache_mode(v: &str) -> Result<rimg_engine::CacheMode> {
+    rimg_engine::CacheMode::parse(v).ok_or_else(|| anyhow!("Invalid cache option: {v}"))
+}

@@ -1,0 +1,144 @@
+//! Output exactly as qemu-img prints it: human sizes and QEMU's pretty JSON.
+
+use serde_json::Value;
+
+/// qemu's `size_to_str`: three significant digits and a binary unit, where values of 1000 or
+/// more of a unit already use the next one ("0.977 KiB" for 1000 bytes).
+pub fn size_to_str(val: u64) -> String {
+    const SUFFIXES: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
+    let x = val as f64 / (1000.0 / 1024.0);
+    // frexp exponent: smallest e with x < 2^e (x > 0).
+    let e = if x < 1.0 {
+        0
+    } else {
+        (x.log2().floor() as i64) + 1
+    };
+    let i = (((e - 1).max(0)) / 10).min(6) as usize;
+    let div = (1u64 << (i * 10)) as f64;
+    format!("{} {}B", fmt_g3(val as f64 / div), SUFFIXES[i])
+}
+
+/// C's `%0.3g` for values in [0, 1000).
+pub fn fmt_g3(v: f64) -> String {
+    if v == 0.0 {
+        return "0".into();
+    }
+    let exp = v.abs().log10().floor() as i32;
+    let decimals = (2 - exp).max(0) as usize;
+    let mut s = format!("{v:.decimals$}");
+    // Rounding can carry into a new digit (999.5 -> "1000"): C would print "1e+03".
+    let digits = s.chars().filter(char::is_ascii_digit).count();
+    if s.contains('.') {
+        while s.ends_with('0') {
+            s.pop();
+        }
+        if s.ends_with('.') {
+            s.pop();
+        }
+    } else if digits > 3 {
+        let r = (v / 10f64.powi(exp)).round();
+        return format!("{r}e+{:02}", exp + 1 - (r as i32 / 10).min(0));
+    }
+    s
+}
+
+/// Pretty-print a JSON value the way QEMU's `qobject_to_json_pretty` does (4-space indent,
+/// empty containers still broken over two lines).
+pub fn qemu_json(v: &Value) -> String {
+    let mut out = String::new();
+    write_value(&mut out, v, 0);
+    out
+}
+
+fn write_value(out: &mut String, v: &Value, indent: usize) {
+    match v {
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Number(n) => out.push_str(&n.to_string()),
+        Value::String(s) => write_str(out, s),
+        Value::Array(a) => {
+            out.push_str("[\n");
+            for (k, item) in a.iter().enumerate() {
+                pad(out, indent + 4);
+                write_value(out, item, indent + 4);
+                if k + 1 < a.len() {
+                    out.push(',');
+                }
+                out.push('\n');
+            }
+            pad(out, indent);
+            out.push(']');
+        }
+        Value::Object(m) => {
+            out.push_str("{\n");
+            let n = m.len();
+            for (k, (key, item)) in m.iter().enumerate() {
+                pad(out, indent + 4);
+                write_str(out, key);
+                out.push_str(": ");
+                write_value(out, item, indent + 4);
+                if k + 1 < n {
+                    out.push(',');
+                }
+                out.push('\n');
+            }
+            pad(out, indent);
+            out.push('}');
+        }
+    }
+}
+
+fn pad(out: &mut String, n: usize) {
+    out.extend(std::iter::repeat_n(' ', n));
+}
+
+/// QEMU's JSON string escaping: `"`, `\`, control characters, and everything outside ASCII
+/// as `\uXXXX` (surrogate pairs above the BMP).
+pub fn write_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || (c as u32) >= 0x7f => {
+                let mut buf = [0u16; 2];
+                for u in c.encode_utf16(&mut buf) {
+                    out.push_str(&format!("\\u{:04X}", u));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_like_qemu() {
+        assert_eq!(size_to_str(1 << 30), "1 GiB");
+        assert_eq!(size_to_str(4096), "4 KiB");
+        assert_eq!(size_to_str(512), "512 B");
+        assert_eq!(size_to_str(0), "0 B");
+        assert_eq!(size_to_str(1000), "0.977 KiB");
+        assert_eq!(size_to_str(1536), "1.5 KiB");
+        assert_eq!(size_to_str(1073995776), "1 GiB");
+        assert_eq!(size_to_str(999 * 1024), "999 KiB");
+    }
+
+    #[test]
+    fn json_layout() {
+        let v: Value = serde_json::from_str(r#"{"a": [], "b": {"c": 1}, "d": {}}"#).unwrap();
+        assert_eq!(
+            qemu_json(&v),
+            "{\n    \"a\": [\n    ],\n    \"b\": {\n        \"c\": 1\n    },\n    \"d\": {\n    }\n}"
+        );
+    }
+}
