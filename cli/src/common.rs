@@ -60,7 +60,13 @@ impl ImageSpec {
     /// Resolve a filename argument: a plain path, or with `--image-opts` an option string
     /// such as `driver=raw,file.filename=disk.img`.
     pub fn resolve(arg: &str, format: Option<&str>, image_opts: bool) -> Result<ImageSpec> {
+        if image_opts && format.is_some() {
+            bail!("--image-opts and --format are mutually exclusive");
+        }
         if !image_opts {
+            if arg.is_empty() {
+                bail!("Could not open '': The 'file' block driver requires a file name");
+            }
             return Ok(ImageSpec {
                 path: arg.to_string(),
                 format: format.map(str::to_string),
@@ -113,8 +119,8 @@ impl ImageSpec {
 pub fn open_message(path: &str, e: rimg_formats::Error) -> String {
     use rimg_formats::Error as E;
     match e {
-        E::Open { .. } => format!("Could not open '{path}': {e}"),
-        E::OpenWhy { .. } | E::Locked { .. } => e.to_string(),
+        E::Open { .. } | E::Locked { .. } => format!("Could not open '{path}': {e}"),
+        E::OpenWhy { .. } => e.to_string(),
         E::InvalidArgument(m) | E::Unsupported(m) => format!("Could not open '{path}': {m}"),
         other => other.to_string(),
     }
@@ -152,6 +158,49 @@ pub fn verbose() -> bool {
 
 /// Set by the global `--verbose` option.
 pub static VERBOSE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// QOM object types qemu-img accepts with `--object`.
+const OBJECT_TYPES: &[&str] = &[
+    "secret",
+    "secret_keyring",
+    "iothread",
+    "throttle-group",
+    "tls-creds-anon",
+    "tls-creds-psk",
+    "tls-creds-x509",
+    "tls-cipher-suites",
+    "authz-simple",
+    "authz-list",
+    "authz-listfile",
+    "authz-pam",
+];
+
+/// Validate an `--object` definition as qemu-img does (rimg keeps secrets for the formats
+/// that need them; nothing else uses objects yet).
+pub fn check_object(def: &str) -> Result<()> {
+    let mut m = OptionMap::parse(def);
+    let ty = match m.take("qom-type") {
+        Some(t) => t,
+        None => match m.items().first() {
+            Some((k, v)) if v == "on" && !def.starts_with(&format!("{k}=")) => {
+                let k = k.clone();
+                m.take(&k);
+                k
+            }
+            _ => bail!("Parameter 'qom-type' is missing"),
+        },
+    };
+    if !OBJECT_TYPES.contains(&ty.as_str()) {
+        bail!("Parameter 'qom-type' does not accept value '{ty}'");
+    }
+    if m.get("id").is_none() {
+        bail!("Parameter 'id' is missing");
+    }
+    if ty == "secret" && m.get("data").is_none() && m.get("file").is_none() {
+        bail!("Either 'file' or 'data' must be provided");
+    }
+    Ok(())
+}
 
 /// Parse a cache mode argument (`-t`/`-T`).
 pub fn cache_mode(v: &str) -> Result<rimg_engine::CacheMode> {

@@ -65,79 +65,113 @@ pub fn parse(args: &[String], specs: &[OptSpec]) -> Result<(Vec<Parsed>, Vec<Str
     let mut pos = Vec::new();
     let mut i = 0;
     while i < args.len() {
-        let a = &args[i];
-        i += 1;
-        if a == "--" {
-            pos.extend(args[i..].iter().cloned());
+        if args[i] == "--" {
+            pos.extend(args[i + 1..].iter().cloned());
             break;
         }
-        if let Some(body) = a.strip_prefix("--") {
-            let (name, inline) = match body.split_once('=') {
-                Some((n, v)) => (n, Some(v.to_string())),
-                None => (body, None),
-            };
-            let idx = find_long(specs, name, a)?;
-            let spec = specs[idx];
-            let val = if spec.arg {
-                match inline {
-                    Some(v) => Some(v),
-                    None if i < args.len() => {
-                        i += 1;
-                        Some(args[i - 1].clone())
-                    }
-                    None => {
-                        return Err(UsageError::MissingArg(format!(
-                            "option '--{}' requires an argument",
-                            spec.long
-                        )))
-                    }
-                }
-            } else {
-                if inline.is_some() {
-                    return Err(UsageError::UnexpectedArg(format!(
-                        "option '--{}' doesn't allow an argument",
-                        spec.long
-                    )));
-                }
-                None
-            };
-            opts.push(Parsed { idx, val });
-            continue;
+        if !parse_element(args, &mut i, specs, &mut opts)? {
+            pos.push(args[i].clone());
+            i += 1;
         }
-        if a.len() > 1 && a.starts_with('-') {
-            let chars: Vec<char> = a[1..].chars().collect();
-            let mut k = 0;
-            while k < chars.len() {
-                let c = chars[k];
-                k += 1;
-                let Some(idx) = specs.iter().position(|s| s.short == Some(c)) else {
-                    return Err(UsageError::Unrecognized(format!("invalid option -- '{c}'")));
-                };
-                if specs[idx].arg {
-                    let rest: String = chars[k..].iter().collect();
-                    let val = if !rest.is_empty() {
-                        rest
-                    } else if i < args.len() {
-                        i += 1;
-                        args[i - 1].clone()
-                    } else {
-                        return Err(UsageError::MissingArg(format!(
-                            "option requires an argument -- '{c}'"
-                        )));
-                    };
-                    opts.push(Parsed {
-                        idx,
-                        val: Some(val),
-                    });
-                    break;
-                }
-                opts.push(Parsed { idx, val: None });
-            }
-            continue;
-        }
-        pos.push(a.clone());
     }
     Ok((opts, pos))
+}
+
+/// Parse options up to the first non-option (getopt's "+" mode, as qemu-img's global
+/// options); returns the options and the index of the first argument not consumed.
+pub fn parse_in_order(
+    args: &[String],
+    specs: &[OptSpec],
+) -> Result<(Vec<Parsed>, usize), UsageError> {
+    let mut opts = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        if args[i] == "--" {
+            return Ok((opts, i + 1));
+        }
+        if !parse_element(args, &mut i, specs, &mut opts)? {
+            break;
+        }
+    }
+    Ok((opts, i))
+}
+
+/// Parse the option element at `args[*i]` (and its separate argument); returns false
+/// without consuming anything when it is not an option.
+fn parse_element(
+    args: &[String],
+    i: &mut usize,
+    specs: &[OptSpec],
+    opts: &mut Vec<Parsed>,
+) -> Result<bool, UsageError> {
+    let a = &args[*i];
+    if let Some(body) = a.strip_prefix("--") {
+        *i += 1;
+        let (name, inline) = match body.split_once('=') {
+            Some((n, v)) => (n, Some(v.to_string())),
+            None => (body, None),
+        };
+        let idx = find_long(specs, name, a)?;
+        let spec = specs[idx];
+        let val = if spec.arg {
+            match inline {
+                Some(v) => Some(v),
+                None if *i < args.len() => {
+                    *i += 1;
+                    Some(args[*i - 1].clone())
+                }
+                None => {
+                    return Err(UsageError::MissingArg(format!(
+                        "option '--{}' requires an argument",
+                        spec.long
+                    )))
+                }
+            }
+        } else {
+            if inline.is_some() {
+                return Err(UsageError::UnexpectedArg(format!(
+                    "option '--{}' doesn't allow an argument",
+                    spec.long
+                )));
+            }
+            None
+        };
+        opts.push(Parsed { idx, val });
+        return Ok(true);
+    }
+    if a.len() > 1 && a.starts_with('-') {
+        *i += 1;
+        let chars: Vec<char> = a[1..].chars().collect();
+        let mut k = 0;
+        while k < chars.len() {
+            let c = chars[k];
+            k += 1;
+            let Some(idx) = specs.iter().position(|s| s.short == Some(c)) else {
+                return Err(UsageError::Unrecognized(format!("invalid option -- '{c}'")));
+            };
+            if specs[idx].arg {
+                let rest: String = chars[k..].iter().collect();
+                let val = if !rest.is_empty() {
+                    rest
+                } else if *i < args.len() {
+                    *i += 1;
+                    args[*i - 1].clone()
+                } else {
+                    return Err(UsageError::MissingArg(format!(
+                        "option requires an argument -- '{c}'"
+                    )));
+                };
+                opts.push(Parsed {
+                    idx,
+                    val: Some(val),
+                });
+                break;
+            }
+            opts.push(Parsed { idx, val: None });
+        }
+        return Ok(true);
+    }
+    Ok(false)
 }
 
 fn find_long(specs: &[OptSpec], name: &str, arg: &str) -> Result<usize, UsageError> {

@@ -57,13 +57,17 @@ impl Progress {
         }
     }
 
-    /// Finish: the final 100% line and a newline, as qemu-img ends it.
+    /// Finish as convert does: one more 100% line, then a newline.
     pub fn finish(&self) {
         if self.enabled {
-            let last = *self.last.lock().unwrap_or_else(|e| e.into_inner());
-            if last < 100.0 {
-                print_line(100.0, '\r');
-            }
+            print_line(100.0, '\r');
+            println!();
+        }
+    }
+
+    /// Finish as compare does: just the newline (after the result line).
+    pub fn end_line(&self) {
+        if self.enabled {
             println!();
         }
     }

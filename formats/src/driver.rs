@@ -151,6 +151,10 @@ pub trait FormatDriver: Sync {
     /// The options `create`, `measure` and `amend` accept for this format, in the order
     /// qemu-img prints them in the `Formatting` line.
     fn create_options(&self) -> &'static [OptionDesc];
+    /// Options of the protocol layer under this format (`file`), accepted by `create` too.
+    fn protocol_options(&self) -> &'static [OptionDesc] {
+        crate::file::FILE_OPTIONS
+    }
     /// Create a new image as `spec` says (the file is created or truncated). Writes metadata
     /// only; data preallocation the driver cannot do with `fallocate` (writing zeros for
     /// `preallocation=full`) is returned as [`Action`]s on the new image's files for the

@@ -68,7 +68,7 @@ pub enum Error {
         source: io::Error,
     },
     /// A conflicting lock is held by another process, worded as qemu-img words it.
-    #[error("Could not open '{path}': Failed to get {shared}\"{perm}\" lock\nIs another process using the image [{path}]?")]
+    #[error("Failed to get {shared}\"{perm}\" lock\nIs another process using the image [{path}]?")]
     Locked {
         /// image path
         path: String,

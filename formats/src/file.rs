@@ -51,6 +51,26 @@ impl FileOpen {
     }
 }
 
+/// Create options of the `file` protocol layer, valid for every format whose image lives in
+/// a plain file, in the order qemu-img prints them in its `Formatting` line.
+pub static FILE_OPTIONS: &[crate::opts::OptionDesc] = &[
+    crate::opts::OptionDesc {
+        name: "nocow",
+        kind: crate::opts::OptKind::Bool,
+        help: "Turn off copy-on-write (valid only on btrfs)",
+    },
+    crate::opts::OptionDesc {
+        name: "preallocation",
+        kind: crate::opts::OptKind::Str,
+        help: "Preallocation mode (allowed values: off, falloc, full)",
+    },
+    crate::opts::OptionDesc {
+        name: "extent_size_hint",
+        kind: crate::opts::OptKind::Size,
+        help: "Extent size hint for the image file, 0 to disable",
+    },
+];
+
 /// What `fallocate` should do; see [`FileLayer::fallocate`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Falloc {

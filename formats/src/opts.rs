@@ -16,8 +16,17 @@ pub enum SizeError {
 /// `B`, `k`/`K`, `M`, `G`, `T`, `P`, `E` (powers of 1024). `default_unit` applies when no
 /// suffix is given (qemu-img uses bytes; `-S` and `-r` too).
 pub fn parse_size(s: &str, default_unit: u64) -> std::result::Result<u64, SizeError> {
-    let t = s.trim_start();
-    if t.starts_with('-') || t.is_empty() {
+    let t = s.trim();
+    let t = t.strip_prefix('+').unwrap_or(t);
+    if let Some(neg) = t.strip_prefix('-') {
+        // A well-formed negative number is out of range; anything else is invalid.
+        return match parse_size(neg, default_unit) {
+            Ok(0) => Ok(0),
+            Ok(_) | Err(SizeError::Overflow) => Err(SizeError::Overflow),
+            Err(e) => Err(e),
+        };
+    }
+    if t.is_empty() {
         return Err(SizeError::Invalid);
     }
     let (hex, digits_start) = if t.len() > 2 && (t.starts_with("0x") || t.starts_with("0X")) {
@@ -249,7 +258,11 @@ mod tests {
         assert_eq!(parse_size("512", 1), Ok(512));
         assert_eq!(parse_size("0x1000", 1), Ok(4096));
         assert_eq!(parse_size("12Q", 1), Err(SizeError::Invalid));
-        assert_eq!(parse_size("-5", 1), Err(SizeError::Invalid));
+        assert_eq!(parse_size("-5", 1), Err(SizeError::Overflow));
+        assert_eq!(parse_size(" 1M ", 1), Ok(1 << 20));
+        assert_eq!(parse_size("+1k", 1), Ok(1024));
+        assert_eq!(parse_size("1 M", 1), Err(SizeError::Invalid));
+        assert_eq!(parse_size("010", 1), Ok(10));
         assert_eq!(
             parse_size("99999999999999999999", 1),
             Err(SizeError::Overflow)

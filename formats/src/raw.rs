@@ -23,18 +23,20 @@ pub static RAW: RawDriver = RawDriver;
 
 const SECTOR: u64 = 512;
 
-static RAW_OPTIONS: &[OptionDesc] = &[
-    OptionDesc {
-        name: "size",
-        kind: OptKind::Size,
-        help: "Virtual disk size",
-    },
-    OptionDesc {
-        name: "preallocation",
-        kind: OptKind::Str,
-        help: "Preallocation mode (allowed values: off, falloc, full)",
-    },
-];
+static RAW_OPTIONS: &[OptionDesc] = &[OptionDesc {
+    name: "size",
+    kind: OptKind::Size,
+    help: "Virtual disk size",
+}];
+
+/// Every option raw's `create` accepts: its own and the file layer's.
+fn all_options() -> Vec<OptionDesc> {
+    RAW_OPTIONS
+        .iter()
+        .chain(crate::file::FILE_OPTIONS)
+        .copied()
+        .collect()
+}
 
 /// Parse `preallocation=` for raw: `off`, `falloc`, `full`.
 fn raw_prealloc(options: &OptionMap) -> Result<Preallocation> {
@@ -106,13 +108,36 @@ impl FormatDriver for RawDriver {
     }
 
     fn create(&self, spec: &CreateSpec) -> Result<Vec<Action>> {
-        spec.options.validate(RAW_OPTIONS)?;
+        spec.options.validate(&all_options())?;
         let prealloc = raw_prealloc(&spec.options)?;
         let file = FileLayer::create(&spec.path)?;
         if file.is_block_device() {
             return Ok(Vec::new());
         }
-        grow(&file, 0, spec.size, prealloc)
+        // QEMU makes raw files a whole number of sectors.
+        let size = spec.size.div_ceil(SECTOR).saturating_mul(SECTOR);
+        if size > i64::MAX as u64 {
+            return Err(Error::InvalidArgument(
+                "Could not resize file: Invalid argument".into(),
+            ));
+        }
+        let actions = grow(&file, 0, size, prealloc).map_err(|e| match e {
+            Error::Io { source, .. } if source.raw_os_error() == Some(libc::EFBIG) => {
+                Error::InvalidArgument("The image size is too large for file format 'raw'".into())
+            }
+            Error::Io { source, .. } => Error::InvalidArgument(format!(
+                "Could not resize file: {}",
+                crate::error::strerror(&source)
+            )),
+            other => other,
+        })?;
+        // Like QEMU's file layer, allocate the first block (so O_DIRECT alignment probing
+        // later finds a real block).
+        let first = size.min(4096) as usize;
+        if first > 0 && prealloc == Preallocation::Off {
+            file.write_all_at(&vec![0u8; first], 0, "first block")?;
+        }
+        Ok(actions)
     }
 
     fn measure(
@@ -121,8 +146,9 @@ impl FormatDriver for RawDriver {
         _allocated: Option<u64>,
         options: &OptionMap,
     ) -> Result<(u64, u64)> {
-        options.validate(RAW_OPTIONS)?;
+        options.validate(&all_options())?;
         raw_prealloc(options)?;
+        let size = size.div_ceil(SECTOR).saturating_mul(SECTOR);
         Ok((size, size))
     }
 }

@@ -55,6 +55,17 @@ pub fn run(args: &[String]) -> Result<i32> {
     if !o.has("options") {
         return Err(usage_error("amend", "Must specify options (-o)"));
     }
+    if let Some(t) = o.get("cache") {
+        if crate::common::cache_mode(t).is_err() {
+            bail!("Invalid cache option: {t}");
+        }
+    }
+    if let Some(f) = o.get("format") {
+        // No format rimg implements yet has amendable options.
+        if rimg_formats::registry::find(f).is_ok() {
+            bail!("Format driver '{f}' does not support option amendment");
+        }
+    }
     if o.pos.len() != 1 {
         return Err(usage_error("amend", "Expecting one image file name"));
     }

@@ -64,15 +64,20 @@ pub fn run(args: &[String]) -> Result<i32> {
         if r != "leaks" && r != "all" {
             return Err(usage_error(
                 "check",
-                &format!("Unknown option value for -r (expecting 'leaks' or 'all'): {r}"),
+                &format!("--repair (-r) expects 'leaks' or 'all' not '{r}'"),
             ));
         }
         if o.has("force-share") {
-            anyhow::bail!("--force-share/-U is not allowed with -r");
+            anyhow::bail!(
+                "Could not open '{}': force-share=on can only be used with read-only images",
+                o.pos[0]
+            );
         }
     }
     if let Some(t) = o.get("cache") {
-        crate::common::cache_mode(t)?;
+        if crate::common::cache_mode(t).is_err() {
+            anyhow::bail!("Invalid source cache option: {t}");
+        }
     }
     let spec = ImageSpec::resolve(&o.pos[0], o.get("format"), o.has("image-opts"))?;
     let _chain = spec.open_chain(

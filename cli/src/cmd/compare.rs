@@ -65,18 +65,17 @@ rimg compares on every shard in parallel and reads only where either image may h
 pub fn run(args: &[String]) -> Result<i32> {
     let o = parse("compare", args, SPECS, HELP)?;
     if o.pos.len() != 2 {
-        report(&format!(
-            "Expecting two image file names\nTry '{} --help' for more information",
-            crate::common::progname()
+        return Err(super::usage_error(
+            "compare",
+            "Expecting two image file names",
         ));
-        return Ok(1);
     }
     let quiet = o.has("quiet");
     let cache = match o.get("cache") {
         Some(t) => match cache_mode(t) {
             Ok(c) => c,
-            Err(e) => {
-                report(&format!("{e}"));
+            Err(_) => {
+                report(&format!("Invalid source cache option: {t}"));
                 return Ok(2);
             }
         },
@@ -120,7 +119,6 @@ pub fn run(args: &[String]) -> Result<i32> {
             on_size_mismatch: Some(&warn),
         },
     );
-    progress.finish();
     let (msg, code) = match res {
         Ok(CompareResult::Identical) => ("Images are identical.".to_string(), 0),
         Ok(CompareResult::ContentMismatch(off)) => {
@@ -139,5 +137,6 @@ pub fn run(args: &[String]) -> Result<i32> {
     if !quiet {
         println!("{msg}");
     }
+    progress.end_line();
     Ok(code)
 }

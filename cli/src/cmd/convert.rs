@@ -3,11 +3,11 @@
 use anyhow::{anyhow, bail, Result};
 use rimg_engine::convert::{convert, ConvertOptions, Source, Target};
 use rimg_engine::{CacheMode, Engine, EngineConfig};
-use rimg_formats::opts::{parse_size, OptionMap};
+use rimg_formats::opts::{parse_size, OptionMap, SizeError};
 use rimg_formats::Access;
 use rimg_formats::{registry, Chain, CreateSpec, OpenOptions};
 
-use super::{parse, usage_error};
+use super::parse;
 use crate::common::{cache_mode, open_message, warn_probed_raw, ImageSpec};
 use crate::getopt::{o, OptSpec};
 use crate::progress::Progress;
@@ -116,13 +116,18 @@ Arguments:
 /// Run `convert`.
 pub fn run(args: &[String]) -> Result<i32> {
     let o = parse("convert", args, SPECS, HELP)?;
-    if o.pos.len() < 2 {
-        return Err(usage_error("convert", "Expecting image file name"));
-    }
     let quiet = o.has("quiet");
-    let (srcs, tgt) = o.pos.split_at(o.pos.len() - 1);
-    let tgt = &tgt[0];
     let no_create = o.has("n");
+    let fmt = o.get("output-format").unwrap_or("raw");
+    let mut topts = OptionMap::default();
+    for s in o.all("options") {
+        topts.extend_from(s);
+    }
+    let driver = registry::find(fmt).map_err(|_| anyhow!("Unknown file format '{fmt}'"))?;
+    if topts.wants_help() {
+        super::create::print_option_help(driver, o.pos.len() >= 2);
+        return Ok(0);
+    }
     let src_cache = match o.get("source-cache") {
         Some(t) => cache_mode(t).map_err(|_| anyhow!("Invalid source cache option: {t}"))?,
         None => CacheMode::Writeback,
@@ -132,55 +137,65 @@ pub fn run(args: &[String]) -> Result<i32> {
         None => CacheMode::Unsafe,
     };
     let parallel = match o.get("parallel") {
-        Some(v) => match v.parse::<usize>() {
-            Ok(n) if (1..=16).contains(&n) => n,
-            _ => bail!(
-                "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16"
-            ),
+        Some(v) => match parse_size(v, 1) {
+            Ok(n) if (1..=16).contains(&n) => n as usize,
+            Ok(_) | Err(SizeError::Overflow) => {
+                bail!("Invalid number of coroutines specified. Must be between 1 and 16.")
+            }
+            Err(SizeError::Invalid) => bail!("Invalid number of coroutines specified: '{v}'."),
         },
         None => 8,
     };
     let sparse = match o.get("sparse-size") {
-        Some(v) => match parse_size(v, 1) {
-            Ok(n) if n % 512 == 0 && n <= 16 << 20 => n,
-            _ => bail!("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16MB"),
-        },
-        None => 4096,
-    };
-    let rate = match o.get("rate") {
-        Some(v) => match parse_size(v, 1) {
-            Ok(n) => Some(n),
-            Err(_) => {
-                bail!("Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for")
+        Some(v) => {
+            let n = super::create::parse_num("buffer size for sparse output", v)?;
+            if n % 512 != 0 || n > 16 << 20 {
+                bail!("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).");
             }
-        },
+            Some(n)
+        }
         None => None,
     };
+    let rate = match o.get("rate") {
+        Some(v) => Some(super::create::parse_num("rate limit", v)?),
+        None => None,
+    };
+    if o.has("copy-range-offloading") && sparse.is_some() {
+        bail!("Cannot enable copy offloading when -S is used");
+    }
+    if o.has("skip-broken-bitmaps") && !o.has("bitmaps") {
+        bail!("Use of --skip-broken-bitmaps requires --bitmaps");
+    }
     if o.has("target-is-zero") && !no_create {
         bail!("--target-is-zero requires use of -n flag");
     }
-    if o.has("copy-range-offloading") && o.has("c") {
-        bail!("Cannot enable copy offloading when -c is used");
+    if o.has("target-image-opts") && !no_create {
+        bail!("--target-image-opts requires use of -n flag");
+    }
+    if o.pos.len() < 2 {
+        bail!("Must specify image file name");
+    }
+    if no_create && !topts.is_empty() {
+        bail!("-o has no effect when skipping image creation");
     }
     if o.has("c") {
-        bail!("Compression is not supported for the target format of this rimg build");
+        bail!("Compression not supported for this file format");
     }
     if o.has("backing") {
-        bail!("Backing files for the target are not supported by rimg yet");
+        bail!(
+            "Backing file not supported for file format '{}'",
+            driver.name()
+        );
     }
-    if o.has("snapshot") {
-        bail!("Failed to load snapshot: Operation not supported by this image format");
+    if o.has("backing-format") {
+        bail!(
+            "Backing file format not supported for file format '{}'",
+            driver.name()
+        );
     }
-    let fmt = o.get("output-format").unwrap_or("raw");
-    let mut topts = OptionMap::default();
-    for s in o.all("options") {
-        topts.extend_from(s);
-    }
-    let driver = registry::find(fmt).map_err(|e| anyhow!("{e}"))?;
-    if topts.wants_help() {
-        super::create::print_option_help(driver);
-        return Ok(0);
-    }
+    let sparse = sparse.unwrap_or(4096);
+    let (srcs, tgt) = o.pos.split_at(o.pos.len() - 1);
+    let tgt = &tgt[0];
 
     // Sources.
     let image_opts = o.has("source-image-opts") || o.has("image-opts");
@@ -189,6 +204,15 @@ pub fn run(args: &[String]) -> Result<i32> {
     for s in srcs {
         let spec = ImageSpec::resolve(s, o.get("source-format"), image_opts)?;
         chains.push(spec.open_chain(Access::ReadUnshared, share)?);
+    }
+    if let Some(c) = chains.first() {
+        let f = c.top().format();
+        if o.has("snapshot") {
+            bail!("Failed to load snapshot: Block format '{f}' used by device '' does not support temporarily loading internal snapshots");
+        }
+        if o.has("bitmaps") {
+            bail!("Source lacks bitmap support");
+        }
     }
     let total: u64 = chains.iter().map(Chain::virtual_size).sum();
 
@@ -206,8 +230,8 @@ pub fn run(args: &[String]) -> Result<i32> {
         }
     };
     if !no_create {
-        if let Err(e) = topts.validate(driver.create_options()) {
-            bail!("{tgt}: {e}");
+        if let Err(e) = topts.validate(&super::create::all_options(driver)) {
+            bail!("{e}");
         }
         if topts.get("size").is_some() {
             topts.take("size");
@@ -238,7 +262,7 @@ pub fn run(args: &[String]) -> Result<i32> {
     )
     .map_err(|e| anyhow!(open_message(&tspec.path, e)))?;
     if no_create && timage.virtual_size() < total {
-        bail!("Output image is too small");
+        bail!("output file is smaller than input file");
     }
     let tchain = Chain::single(timage, &tspec.path, tspec.format.is_none());
     if no_create {

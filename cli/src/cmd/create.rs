@@ -1,11 +1,10 @@
 //! `create`: make a new image.
 
 use anyhow::{anyhow, bail, Result};
-use rimg_formats::opts::{parse_size, OptionMap, SizeError};
+use rimg_formats::opts::{parse_size, OptKind, OptionDesc, OptionMap, SizeError};
 use rimg_formats::{registry, CreateSpec, FormatDriver, OpenOptions};
 
 use super::{parse, usage_error};
-use crate::common::ImageSpec;
 use crate::getopt::{o, OptSpec};
 
 const SPECS: &[OptSpec] = &[
@@ -48,34 +47,48 @@ Arguments:
      (required unless BACKING_FILE is specified)
 ";
 
-/// qemu-img's wording for a bad image size.
-pub fn size_error(arg: &str, e: SizeError) -> anyhow::Error {
+/// qemu-img's wording for a bad size argument; `what` is "image size", "start offset" ...
+pub fn size_error(what: &str, arg: &str, e: SizeError) -> anyhow::Error {
     match e {
-        SizeError::Overflow => anyhow!("Image size must be less than 8 EiB!"),
-        SizeError::Invalid => anyhow!("Invalid image size specified: '{arg}'."),
+        SizeError::Overflow => {
+            anyhow!("Invalid {what} specified. Must be between 0 and 9223372036854775807.")
+        }
+        SizeError::Invalid => anyhow!("Invalid {what} specified: '{arg}'."),
     }
 }
 
-/// Parse an image size argument as `create` does (bytes, < 8 EiB).
-pub fn parse_image_size(arg: &str) -> Result<u64> {
+/// Parse a size argument as qemu-img's `cvtnum` does (bytes, below 2^63).
+pub fn parse_num(what: &str, arg: &str) -> Result<u64> {
     match parse_size(arg, 1) {
         Ok(n) if n <= i64::MAX as u64 => Ok(n),
-        Ok(_) => Err(size_error(arg, SizeError::Overflow)),
-        Err(e) => Err(size_error(arg, e)),
+        Ok(_) => Err(size_error(what, arg, SizeError::Overflow)),
+        Err(e) => Err(size_error(what, arg, e)),
     }
 }
 
-/// Print `-o help` for `driver` as qemu-img does.
-pub fn print_option_help(driver: &dyn FormatDriver) {
-    let mut s = format!("Supported {} options:\n", driver.name());
-    let mut descs: Vec<_> = driver.create_options().to_vec();
+/// Print `-o help` for `driver` as qemu-img does: with a target filename the protocol
+/// layer's options are listed too (under a plain "Supported options:").
+pub fn print_option_help(driver: &dyn FormatDriver, with_protocol: bool) {
+    let mut descs: Vec<OptionDesc> = driver.create_options().to_vec();
+    if with_protocol {
+        for d in driver.protocol_options() {
+            if !descs.iter().any(|x| x.name == d.name) {
+                descs.push(*d);
+            }
+        }
+    }
     descs.sort_by_key(|d| d.name);
+    let mut s = if with_protocol {
+        "Supported options:\n".to_string()
+    } else {
+        format!("Supported {} options:\n", driver.name())
+    };
     for d in descs {
         let ty = match d.kind {
-            rimg_formats::opts::OptKind::Size => "size",
-            rimg_formats::opts::OptKind::Bool => "bool (on/off)",
-            rimg_formats::opts::OptKind::Str => "str",
-            rimg_formats::opts::OptKind::Number => "num",
+            OptKind::Size => "size",
+            OptKind::Bool => "bool (on/off)",
+            OptKind::Str => "str",
+            OptKind::Number => "num",
         };
         s.push_str(&format!(
             "  {:<22} - {}\n",
@@ -83,12 +96,14 @@ pub fn print_option_help(driver: &dyn FormatDriver) {
             d.help
         ));
     }
-    s.push_str("\nThe protocol level may support further options.\nSpecify the target filename to include those options.\n");
+    if !with_protocol {
+        s.push_str("\nThe protocol level may support further options.\nSpecify the target filename to include those options.\n");
+    }
     print!("{s}");
 }
 
-/// The `Formatting '...'` line: format, size, then every other given option in the
-/// driver's order.
+/// The `Formatting '...'` line: format, size, then the other given options in the
+/// driver's order and then the protocol layer's (sizes printed in bytes).
 pub fn formatting_line(
     path: &str,
     driver: &dyn FormatDriver,
@@ -96,31 +111,55 @@ pub fn formatting_line(
     opts: &OptionMap,
 ) -> String {
     let mut s = format!("Formatting '{path}', fmt={} size={size}", driver.name());
-    for d in driver.create_options() {
+    for d in driver
+        .create_options()
+        .iter()
+        .chain(driver.protocol_options())
+    {
         if d.name == "size" {
             continue;
         }
         if let Some(v) = opts.get(d.name) {
+            let v = match d.kind {
+                OptKind::Size => parse_size(v, 1)
+                    .map(|n| n.to_string())
+                    .unwrap_or(v.to_string()),
+                _ => v.to_string(),
+            };
             s.push_str(&format!(" {}={v}", d.name));
         }
     }
     s
 }
 
+/// Every option `create` accepts for `driver`.
+pub fn all_options(driver: &dyn FormatDriver) -> Vec<OptionDesc> {
+    let mut v: Vec<OptionDesc> = driver.create_options().to_vec();
+    v.extend(driver.protocol_options().iter().copied());
+    v
+}
+
 /// Run `create`.
 pub fn run(args: &[String]) -> Result<i32> {
     let o = parse("create", args, SPECS, HELP)?;
     let fmt = o.get("format").unwrap_or("raw");
-    let driver = registry::find(fmt).map_err(|e| anyhow!("{e}"))?;
     let mut opts = OptionMap::default();
     for s in o.all("options") {
         opts.extend_from(s);
     }
+    let path = o.pos.first();
+    let driver = match registry::find(fmt) {
+        Ok(d) => d,
+        Err(_) => match path {
+            Some(p) => bail!("{p}: Unknown file format '{fmt}'"),
+            None => bail!("Unknown file format '{fmt}'"),
+        },
+    };
     if opts.wants_help() {
-        print_option_help(driver);
+        print_option_help(driver, path.is_some());
         return Ok(0);
     }
-    let Some(path) = o.pos.first() else {
+    let Some(path) = path else {
         return Err(usage_error("create", "Expecting image file name"));
     };
     if o.pos.len() > 2 {
@@ -129,23 +168,30 @@ pub fn run(args: &[String]) -> Result<i32> {
             &format!("Unexpected argument: {}", o.pos[2]),
         ));
     }
+    let size = match o.pos.get(1) {
+        Some(s) => Some(parse_num("image size", s)?),
+        None => None,
+    };
     if o.has("backing") {
         bail!(
-            "Backing file not supported for file format '{}'",
+            "{path}: Backing file not supported for file format '{}'",
             driver.name()
         );
     }
-    let size = match o.pos.get(1) {
-        Some(s) => Some(parse_image_size(s)?),
-        None => None,
-    };
-    if let Err(e) = opts.validate(driver.create_options()) {
+    if o.has("backing-format") {
+        bail!(
+            "{path}: Backing file format not supported for file format '{}'",
+            driver.name()
+        );
+    }
+    if let Err(e) = opts.validate(&all_options(driver)) {
         bail!("{path}: {e}");
     }
     let size = match (size, opts.take("size")) {
-        (Some(s), _) => s,
-        (None, Some(v)) => parse_image_size(&v)?,
-        (None, None) => bail!("Image creation needs a size parameter"),
+        (Some(_), Some(_)) => bail!("{path}: The image size must be specified only once"),
+        (Some(s), None) => s,
+        (None, Some(v)) => parse_num("image size", &v)?,
+        (None, None) => bail!("{path}: Image creation needs a size parameter"),
     };
     if !o.has("quiet") {
         println!("{}", formatting_line(path, driver, size, &opts));
@@ -157,14 +203,9 @@ pub fn run(args: &[String]) -> Result<i32> {
     };
     let actions = driver.create(&spec).map_err(|e| anyhow!("{path}: {e}"))?;
     if !actions.is_empty() {
-        let ispec = ImageSpec {
-            path: path.clone(),
-            format: Some(driver.name().to_string()),
-            no_lock: false,
-        };
         let chain = rimg_formats::Chain::open(
-            &ispec.path,
-            ispec.format.as_deref(),
+            path,
+            Some(driver.name()),
             &OpenOptions::new(rimg_formats::Access::Write),
         )
         .map_err(|e| anyhow!("{path}: {e}"))?;

@@ -4,7 +4,7 @@
 use anyhow::{anyhow, bail, Result};
 use rimg_engine::convert::{convert, ConvertOptions, Source, Target};
 use rimg_engine::{CacheMode, Engine, EngineConfig};
-use rimg_formats::opts::{parse_size, OptionMap};
+use rimg_formats::opts::{parse_size, OptionMap, SizeError};
 use rimg_formats::{registry, Access, Chain, CreateSpec, OpenOptions};
 
 use super::parse;
@@ -53,6 +53,23 @@ Arguments:
      output file name to create (will be overridden if alrady exists)
 ";
 
+/// `count=` and `skip=`: plain decimal numbers, no suffixes.
+fn plain_number(what: &str, v: &str) -> Result<u64> {
+    let t = v.trim();
+    let (neg, digits) = match t.strip_prefix('-') {
+        Some(d) => (true, d),
+        None => (false, t.strip_prefix('+').unwrap_or(t)),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        bail!("Invalid {what} specified: '{v}'.");
+    }
+    match digits.parse::<u64>() {
+        Ok(n) if !neg && n <= i64::MAX as u64 => Ok(n),
+        Ok(0) => Ok(0),
+        _ => bail!("Invalid {what} specified. Must be between 0 and 9223372036854775807."),
+    }
+}
+
 /// Run `dd`.
 pub fn run(args: &[String]) -> Result<i32> {
     let o = parse("dd", args, SPECS, HELP)?;
@@ -67,21 +84,14 @@ pub fn run(args: &[String]) -> Result<i32> {
             "bs" => {
                 bs = match parse_size(v, 1) {
                     Ok(n) if n > 0 && n <= i32::MAX as u64 => n,
-                    _ => bail!("invalid number: '{v}'"),
+                    Ok(_) | Err(SizeError::Overflow) => {
+                        bail!("Invalid bs specified. Must be between 1 and 2147483647.")
+                    }
+                    Err(SizeError::Invalid) => bail!("Invalid bs specified: '{v}'."),
                 }
             }
-            "count" => {
-                count = Some(match parse_size(v, 1) {
-                    Ok(n) if n <= i64::MAX as u64 => n,
-                    _ => bail!("invalid number: '{v}'"),
-                })
-            }
-            "skip" => {
-                skip = match parse_size(v, 1) {
-                    Ok(n) if n <= i64::MAX as u64 => n,
-                    _ => bail!("invalid number: '{v}'"),
-                }
-            }
+            "count" => count = Some(plain_number("count", v)?),
+            "skip" => skip = plain_number("skip", v)?,
             "if" => input = Some(v.to_string()),
             "of" => output = Some(v.to_string()),
             _ => {
@@ -105,8 +115,8 @@ pub fn run(args: &[String]) -> Result<i32> {
     }
     let start = skip.saturating_mul(bs);
     let out_size = end.saturating_sub(start);
-    if start > in_size {
-        report("cannot skip to specified offset");
+    if start > end {
+        report(&format!("{input}: cannot skip to specified offset"));
     }
     driver
         .create(&CreateSpec {

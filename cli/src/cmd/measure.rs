@@ -7,7 +7,7 @@ use rimg_formats::Access;
 use serde_json::json;
 
 use super::parse;
-use crate::common::{output_format, ImageSpec};
+use crate::common::{output_format, report, ImageSpec};
 use crate::getopt::{o, OptSpec};
 use crate::output::qemu_json;
 
@@ -63,34 +63,45 @@ pub fn run(args: &[String]) -> Result<i32> {
     let o = parse("measure", args, SPECS, HELP)?;
     let json = output_format("measure", o.get("output"))?;
     let fmt = o.get("target-format").unwrap_or("raw");
-    let driver = registry::find(fmt).map_err(|e| anyhow!("{e}"))?;
     let mut opts = OptionMap::default();
     for s in o.all("options") {
         opts.extend_from(s);
     }
-    if opts.wants_help() {
-        super::create::print_option_help(driver);
-        return Ok(0);
+    if o.pos.len() > 1 {
+        bail!("At most one filename argument is allowed.");
     }
     let file = o.pos.first();
-    if o.pos.len() > 1 {
-        bail!("Unexpected argument: {}", o.pos[1]);
-    }
     let size_arg = o.get("size");
-    let (size, allocated) = match (file, size_arg) {
+    match (file, size_arg) {
         (Some(_), Some(_)) => bail!("--size N cannot be used together with a filename."),
         (None, None) => bail!("Either --size N or one filename must be specified."),
-        (None, Some(s)) => match rimg_formats::opts::parse_size(s, 1) {
-            Ok(n) if n <= i64::MAX as u64 => (n, None),
-            _ => bail!("Invalid image size specified. Must be between 0 and 9223372036854775807."),
-        },
-        (Some(f), None) => {
+        _ => {}
+    }
+    let driver = registry::find(fmt).map_err(|_| anyhow!("Unknown file format '{fmt}'"))?;
+    if opts.wants_help() {
+        super::create::print_option_help(driver, false);
+        return Ok(0);
+    }
+    let (size, allocated) = match (file, size_arg) {
+        (None, Some(s)) => (super::create::parse_num("image size", s)?, None),
+        (Some(f), _) => {
             let spec = ImageSpec::resolve(f, o.get("format"), o.has("image-opts"))?;
             let chain = spec.open_chain(Access::Read, o.has("force-share"))?;
+            if o.has("snapshot") {
+                bail!(
+                    "Failed to load snapshot: Block format '{}' used by device '' does not support temporarily loading internal snapshots",
+                    chain.top().format()
+                );
+            }
             let size = chain.virtual_size();
             (size, Some(size))
         }
+        (None, None) => unreachable!("checked above"),
     };
+    if let Err(e) = opts.validate(&super::create::all_options(driver)) {
+        report(&e.to_string());
+        bail!("Invalid options for file format '{}'", driver.name());
+    }
     let (required, full) = driver
         .measure(size, allocated, &opts)
         .map_err(|e| anyhow!("{e}"))?;

@@ -112,65 +112,69 @@ const COMMANDS: &[Command] = &[
 
 fn top_help() -> String {
     let mut s = format!(
-        "{VERSION}\nusage: {p} [standard options] COMMAND [--help | command options]\n\
-         QEMU disk image utility, implemented by rimg on an io_uring data mover.\n\
-         \n  -h, --help      display this help and exit\n  -V, --version   output version information and exit\n  \
-         -T, --trace [[enable=]<pattern>][,events=<file>][,file=<file>]\n                  \
-         specify tracing options (accepted and ignored)\n\nCommands:\n",
+        "{VERSION}\nQEMU disk image utility (rimg: an io_uring data mover with qemu-img's interface).  Usage:\n\n  \
+         {p} [standard options] COMMAND [--help | command options]\n\n\
+         Standard options:\n  -h, --help\n     display this help and exit\n  -V, --version\n     \
+         display version info and exit\n  -T,--trace TRACE\n     accepted for compatibility and ignored\n  \
+         --verbose\n     print engine diagnostics (backend, fallbacks, O_DIRECT) on stderr\n\n\
+         Recognized commands (run {p} COMMAND --help for command-specific help):\n\n",
         p = progname()
     );
     for c in COMMANDS {
-        s.push_str(&format!("  {:<10} {}\n", c.name, c.summary));
+        s.push_str(&format!("  {} - {}\n", c.name, c.summary));
     }
-    s.push_str(&format!(
-        "\nFor more information on a command, run '{} COMMAND --help'.\n\
-         Supported formats: raw\n",
-        progname()
-    ));
+    s.push_str("\nSupported image formats:\n\n  ");
+    let names: Vec<&str> = rimg_formats::registry::DRIVERS
+        .iter()
+        .map(|d| d.name())
+        .collect();
+    s.push_str(&names.join(" "));
+    s.push_str("\n\nSee the rimg README for how to report bugs.\n");
     s
 }
 
+const GLOBAL: &[OptSpec] = &[
+    getopt::o('h', "help", false),
+    getopt::o('V', "version", false),
+    getopt::o('T', "trace", true),
+    getopt::o('\0', "verbose", false),
+];
+
 /// Run the program with `args` (without argv[0]); returns the exit code.
 pub fn run(args: &[String]) -> i32 {
+    let p = progname();
     // Global options stop at the first non-option (the command name), as qemu-img's "+hVT:".
-    let mut i = 0;
-    while i < args.len() {
-        match args[i].as_str() {
-            "-h" | "--help" => {
+    let (opts, i) = match getopt::parse_in_order(args, GLOBAL) {
+        Ok(r) => r,
+        Err(e) => {
+            report(&format!("{e}\nTry '{p} --help' for more info"));
+            return 1;
+        }
+    };
+    for o in &opts {
+        match GLOBAL[o.idx].long {
+            "help" => {
                 print!("{}", top_help());
                 return 0;
             }
-            "-V" | "--version" => {
+            "version" => {
                 println!("{VERSION}");
                 return 0;
             }
-            "-T" | "--trace" => i += 2,
-            "--verbose" => {
-                crate::common::VERBOSE.store(true, std::sync::atomic::Ordering::Relaxed);
-                i += 1;
-            }
-            a if a.starts_with("--trace=") || (a.starts_with("-T") && a.len() > 2) => i += 1,
-            a if a.starts_with('-') && a != "-" => {
-                let msg = if a.starts_with("--") {
-                    format!("unrecognized option '{a}'")
-                } else {
-                    format!("invalid option -- '{}'", &a[1..2])
-                };
-                report(&format!("{msg}\nTry '{} --help' for more info", progname()));
-                return 1;
-            }
-            _ => break,
+            "verbose" => crate::common::VERBOSE.store(true, std::sync::atomic::Ordering::Relaxed),
+            _ => {}
         }
     }
     let Some(name) = args.get(i) else {
         report(&format!(
-            "Not enough arguments\nTry '{} --help' for more info",
-            progname()
+            "Not enough arguments\nTry '{p} --help' for more info"
         ));
         return 1;
     };
     let Some(cmd) = COMMANDS.iter().find(|c| c.name == name.as_str()) else {
-        report(&format!("Command not found: {name}"));
+        report(&format!(
+            "Command not found: {name}\nTry '{p} --help' for more info"
+        ));
         return 1;
     };
     match (cmd.run)(&args[i + 1..]) {
@@ -233,6 +237,9 @@ pub fn parse(cmd: &str, args: &[String], specs: &'static [OptSpec], help: &str) 
             if o.has("help") {
                 print!("{help}");
                 return Err(crate::common::exit_code(0));
+            }
+            for obj in o.all("object") {
+                crate::common::check_object(obj)?;
             }
             Ok(o)
         }

@@ -60,10 +60,15 @@ Arguments:
 /// Run `snapshot`.
 pub fn run_snapshot(args: &[String]) -> Result<i32> {
     let o = parse("snapshot", args, SNAPSHOT_SPECS, SNAPSHOT_HELP)?;
-    let actions = ["list", "apply", "create", "delete"]
-        .iter()
-        .filter(|a| o.has(a))
-        .count();
+    let actions = [
+        ("l", "list"),
+        ("a", "apply"),
+        ("c", "create"),
+        ("d", "delete"),
+    ]
+    .iter()
+    .filter(|(s, l)| o.has(s) || o.has(l))
+    .count();
     if actions > 1 {
         return Err(usage_error("snapshot", "Cannot mix '-l', '-a', '-c', '-d'"));
     }
@@ -71,7 +76,7 @@ pub fn run_snapshot(args: &[String]) -> Result<i32> {
         return Err(usage_error("snapshot", "Expecting one image file name"));
     }
     let spec = ImageSpec::resolve(&o.pos[0], o.get("format"), o.has("image-opts"))?;
-    let listing = actions == 0 || o.has("list");
+    let listing = actions == 0 || o.has("l");
     let chain = spec.open_chain(
         if listing { Access::Read } else { Access::Write },
         o.has("force-share"),
@@ -80,19 +85,30 @@ pub fn run_snapshot(args: &[String]) -> Result<i32> {
         // A raw image has no snapshots: qemu-img prints nothing.
         return Ok(0);
     }
-    let (verb, name) = if let Some(n) = o.get("create") {
-        ("create", n)
-    } else if let Some(n) = o.get("apply") {
-        ("revert to", n)
-    } else {
-        ("delete", o.get("delete").unwrap_or_default())
-    };
     let _ = chain;
-    match verb {
-        "create" => bail!("Could not create snapshot '{name}': Operation not supported"),
-        "revert to" => bail!("Could not apply snapshot '{name}': Operation not supported"),
-        _ => bail!("Could not delete snapshot '{name}': snapshot not found"),
+    // qemu-img's long forms take no argument and act on a snapshot named "(null)".
+    let name = |short: &str, long: &str| -> String {
+        o.get(short)
+            .map(str::to_string)
+            .or_else(|| o.has(long).then(|| "(null)".to_string()))
+            .unwrap_or_default()
+    };
+    if o.has("c") || o.has("create") {
+        bail!(
+            "Could not create snapshot '{}': Operation not supported",
+            name("c", "create")
+        );
     }
+    if o.has("a") || o.has("apply") {
+        bail!(
+            "Could not apply snapshot '{}': Block driver does not support snapshots",
+            name("a", "apply")
+        );
+    }
+    bail!(
+        "Could not delete snapshot '{}': snapshot not found",
+        name("d", "delete")
+    )
 }
 
 const COMMIT_SPECS: &[OptSpec] = &[
@@ -148,10 +164,20 @@ pub fn run_commit(args: &[String]) -> Result<i32> {
         return Err(usage_error("commit", "Expecting one image file name"));
     }
     if let Some(t) = o.get("cache") {
-        crate::common::cache_mode(t)?;
+        if crate::common::cache_mode(t).is_err() {
+            bail!("Invalid cache option: {t}");
+        }
+    }
+    if let Some(r) = o.get("rate") {
+        super::create::parse_num("rate limit", r)?;
     }
     let spec = ImageSpec::resolve(&o.pos[0], o.get("format"), o.has("image-opts"))?;
     let chain = spec.open_chain(Access::Write, false)?;
+    if let Some(b) = o.get("base") {
+        if !chain.layers()[1..].iter().any(|l| l.filename == b) {
+            bail!("Did not find '{b}' in the backing chain of '{}'", o.pos[0]);
+        }
+    }
     if chain.layers().len() < 2 {
         bail!("Image does not have a backing file");
     }
@@ -217,6 +243,16 @@ pub fn run_rebase(args: &[String]) -> Result<i32> {
     let o = parse("rebase", args, REBASE_SPECS, REBASE_HELP)?;
     if o.pos.len() != 1 {
         return Err(usage_error("rebase", "Expecting one image file name"));
+    }
+    if let Some(t) = o.get("cache") {
+        if crate::common::cache_mode(t).is_err() {
+            bail!("Invalid cache option: {t}");
+        }
+    }
+    if let Some(t) = o.get("backing-cache") {
+        if crate::common::cache_mode(t).is_err() {
+            bail!("Invalid source cache option: {t}");
+        }
     }
     let Some(backing) = o.get("backing") else {
         return Err(usage_error(
@@ -298,18 +334,30 @@ pub fn run_bitmap(args: &[String]) -> Result<i32> {
     let ops = ["add", "remove", "clear", "enable", "disable", "merge"];
     let op = ops.iter().find(|a| o.has(a));
     let Some(op) = op else {
-        return Err(usage_error(
-            "bitmap",
-            "Need at least one of --add, --remove, --clear, --enable, --disable, or --merge",
-        ));
+        bail!("Need at least one of --add, --remove, --clear, --enable, --disable, or --merge");
     };
-    if o.pos.len() != 2 {
-        return Err(usage_error("bitmap", "Expecting filename and bitmap name"));
+    if o.has("granularity") && *op != "add" {
+        bail!("granularity only supported with --add");
     }
-    let spec = ImageSpec::resolve(&o.pos[0], o.get("format"), o.has("image-opts"))?;
-    let _chain = spec.open_chain(Access::Write, false)?;
-    bail!(
-        "Operation {op} on bitmap {} failed: Can't store persistent bitmaps to this image: Operation not supported",
-        o.pos[1]
-    )
+    if o.pos.len() != 2 {
+        bail!("Expecting filename and bitmap name");
+    }
+    let spec = ImageSpec::resolve(&o.pos[0], o.get("f"), o.has("image-opts"))?;
+    let chain = spec.open_chain(Access::Write, false)?;
+    let bm = &o.pos[1];
+    if let Some(g) = o.get("granularity") {
+        match rimg_formats::opts::parse_size(g, 1) {
+            Ok(n) if n >= 512 && n.is_power_of_two() && n <= 1 << 31 => {}
+            _ => bail!(
+                "Operation add on bitmap {bm} failed: Granularity must be power of 2 and at least 512"
+            ),
+        }
+    }
+    if *op == "add" {
+        bail!(
+            "Operation add on bitmap {bm} failed: Can't store persistent bitmaps to '{}': Operation not supported",
+            chain.layers()[0].filename
+        );
+    }
+    bail!("Operation {op} on bitmap {bm} failed: Dirty bitmap '{bm}' not found")
 }
