@@ -72,6 +72,9 @@ pub fn parse(args: &[String], specs: &[OptSpec]) -> Result<(Vec<Parsed>, Vec<Str
         if !parse_element(args, &mut i, specs, &mut opts)? {
             pos.push(args[i].clone());
             i += 1;
+        } else if opts.last().is_some_and(|p| specs[p.idx].long == "help") {
+            // getopt acts on options in order: help wins over anything after it.
+            break;
         }
     }
     Ok((opts, pos))
@@ -174,6 +177,10 @@ fn parse_element(
     Ok(false)
 }
 
+/// rimg's own additions to qemu-img's tables: matched only when spelled out, so qemu-img's
+/// abbreviations (`--v` for `--version`) keep meaning what they mean there.
+const NO_ABBREV: &[&str] = &["verbose"];
+
 fn find_long(specs: &[OptSpec], name: &str, arg: &str) -> Result<usize, UsageError> {
     if let Some(i) = specs
         .iter()
@@ -184,7 +191,12 @@ fn find_long(specs: &[OptSpec], name: &str, arg: &str) -> Result<usize, UsageErr
     let matches: Vec<usize> = specs
         .iter()
         .enumerate()
-        .filter(|(_, s)| !s.long.is_empty() && !name.is_empty() && s.long.starts_with(name))
+        .filter(|(_, s)| {
+            !s.long.is_empty()
+                && !name.is_empty()
+                && s.long.starts_with(name)
+                && !NO_ABBREV.contains(&s.long)
+        })
         .map(|(i, _)| i)
         .collect();
     match matches.len() {

@@ -28,6 +28,10 @@ pub fn fmt_g3(v: f64) -> String {
     let mut s = format!("{v:.decimals$}");
     // Rounding can carry into a new digit (999.5 -> "1000"): C would print "1e+03".
     let digits = s.chars().filter(char::is_ascii_digit).count();
+    if !s.contains('.') && digits > 3 {
+        // Rounding carried into a fourth digit (999.5 -> 1000): %g switches to exponent form.
+        return format!("1e+{:02}", exp + 1);
+    }
     if s.contains('.') {
         while s.ends_with('0') {
             s.pop();
@@ -35,9 +39,6 @@ pub fn fmt_g3(v: f64) -> String {
         if s.ends_with('.') {
             s.pop();
         }
-    } else if digits > 3 {
-        let r = (v / 10f64.powi(exp)).round();
-        return format!("{r}e+{:02}", exp + 1 - (r as i32 / 10).min(0));
     }
     s
 }
@@ -131,6 +132,9 @@ mod tests {
         assert_eq!(size_to_str(1536), "1.5 KiB");
         assert_eq!(size_to_str(1073995776), "1 GiB");
         assert_eq!(size_to_str(999 * 1024), "999 KiB");
+        assert_eq!(size_to_str(1023488), "1e+03 KiB");
+        assert_eq!(size_to_str(1047552), "0.999 MiB");
+        assert_eq!(size_to_str(1234944), "1.18 MiB");
     }
 
     #[test]

@@ -42,12 +42,15 @@ pub struct CompareOptions<'a> {
     pub on_size_mismatch: Option<&'a dyn Fn()>,
 }
 
-/// What the block layer would say of a range: (allocated, data, zero).
-fn status(ce: &ChainExtent, layers: usize) -> (bool, bool, bool) {
+/// What QEMU's block layer would say of a range starting at `off`: (allocated, data, zero,
+/// eof). `eof` is QEMU's BDRV_BLOCK_EOF: the range runs to the end of the image, which
+/// strict mode compares too (a hole to the end differs from a hole followed by data).
+fn status(ce: &ChainExtent, layers: usize, off: u64, size: u64) -> (bool, bool, bool, bool) {
+    let eof = off + ce.extent.len() >= size;
     match ce.extent {
-        Extent::Data { .. } | Extent::Compressed { .. } => (true, true, false),
-        Extent::Zero { .. } => (true, false, true),
-        _ => (ce.depth < layers, false, true),
+        Extent::Data { .. } | Extent::Compressed { .. } => (true, true, false, eof),
+        Extent::Zero { .. } => (true, false, true, eof),
+        _ => (ce.depth < layers, false, true, eof),
     }
 }
 
@@ -128,7 +131,10 @@ pub fn compare(
         }
         let (xa, xb) = (&ea[ia], &eb[ib]);
         let n = xa.extent.len().min(xb.extent.len()).min(common - off);
-        let (st_a, st_b) = (status(xa, a.layers().len()), status(xb, b.layers().len()));
+        let (st_a, st_b) = (
+            status(xa, a.layers().len(), off, sa),
+            status(xb, b.layers().len(), off, sb),
+        );
         if opts.strict && st_a != st_b {
             status_mismatch = Some(off);
             break;

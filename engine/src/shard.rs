@@ -120,8 +120,14 @@ impl Pool {
         bufs_per_unit: usize,
     ) -> Result<Pool> {
         let cfg = engine.config();
-        let n = engine.shard_count().min(max_shards.max(1));
-        let per_shard = (cfg.budget / n).max(cfg.unit * 2 * bufs_per_unit);
+        // Every shard needs room for two units; the budget bounds the shard count, so the
+        // total stays within it whatever the core count.
+        let min_per_shard = cfg.unit * 2 * bufs_per_unit.max(1);
+        let n = engine
+            .shard_count()
+            .min(max_shards.max(1))
+            .min((cfg.budget / min_per_shard).max(1));
+        let per_shard = (cfg.budget / n).max(min_per_shard);
         let chunks = per_shard / cfg.unit;
         let max_units = (chunks / bufs_per_unit.max(1)).max(1);
         let depth = (max_units * 2).clamp(8, 256);

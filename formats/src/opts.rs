@@ -16,7 +16,8 @@ pub enum SizeError {
 /// `B`, `k`/`K`, `M`, `G`, `T`, `P`, `E` (powers of 1024). `default_unit` applies when no
 /// suffix is given (qemu-img uses bytes; `-S` and `-r` too).
 pub fn parse_size(s: &str, default_unit: u64) -> std::result::Result<u64, SizeError> {
-    let t = s.trim();
+    // Leading blanks are skipped (strtoull); trailing ones are refused.
+    let t = s.trim_start();
     let t = t.strip_prefix('+').unwrap_or(t);
     if let Some(neg) = t.strip_prefix('-') {
         // A well-formed negative number is out of range; anything else is invalid.
@@ -207,6 +208,18 @@ impl OptionMap {
         self.items.is_empty()
     }
 
+    /// Check only that every name is one of `descs`.
+    pub fn validate_names(&self, descs: &[OptionDesc]) -> Result<()> {
+        match self
+            .items
+            .iter()
+            .find(|(k, _)| !descs.iter().any(|d| d.name == k))
+        {
+            Some((k, _)) => Err(Error::InvalidArgument(format!("Invalid parameter '{k}'"))),
+            None => Ok(()),
+        }
+    }
+
     /// Check every name against `descs`, as qemu does: `Invalid parameter 'foo'`.
     pub fn validate(&self, descs: &[OptionDesc]) -> Result<()> {
         for (k, v) in &self.items {
@@ -259,7 +272,8 @@ mod tests {
         assert_eq!(parse_size("0x1000", 1), Ok(4096));
         assert_eq!(parse_size("12Q", 1), Err(SizeError::Invalid));
         assert_eq!(parse_size("-5", 1), Err(SizeError::Overflow));
-        assert_eq!(parse_size(" 1M ", 1), Ok(1 << 20));
+        assert_eq!(parse_size(" 1M", 1), Ok(1 << 20));
+        assert_eq!(parse_size("1M ", 1), Err(SizeError::Invalid));
         assert_eq!(parse_size("+1k", 1), Ok(1024));
         assert_eq!(parse_size("1 M", 1), Err(SizeError::Invalid));
         assert_eq!(parse_size("010", 1), Ok(10));

@@ -60,14 +60,21 @@ pub fn run(args: &[String]) -> Result<i32> {
             bail!("Invalid cache option: {t}");
         }
     }
-    if let Some(f) = o.get("format") {
-        // No format rimg implements yet has amendable options.
-        if rimg_formats::registry::find(f).is_ok() {
-            bail!("Format driver '{f}' does not support option amendment");
+    let mut opts = rimg_formats::opts::OptionMap::default();
+    for s in o.all("options") {
+        opts.extend_from(s);
+    }
+    if opts.wants_help() {
+        if let Some(f) = o.get("format") {
+            // No format rimg implements yet has amendable options.
+            if rimg_formats::registry::find(f).is_ok() {
+                bail!("Format driver '{f}' does not support option amendment");
+            }
         }
     }
     if o.pos.len() != 1 {
-        return Err(usage_error("amend", "Expecting one image file name"));
+        // qemu-img gives no help hint here, unlike its other usage errors.
+        bail!("Expecting one image file name");
     }
     let spec = ImageSpec::resolve(&o.pos[0], o.get("format"), o.has("image-opts"))?;
     let chain = spec.open_chain(Access::Write, false)?;

@@ -288,10 +288,17 @@ pub fn run(args: &[String]) -> Result<i32> {
             image: tchain.top(),
             writer: writer.as_mut(),
             offset: 0,
-            is_zero: !no_create || o.has("target-is-zero"),
+            // A new file reads as zeros; a block device does not (no zero-init).
+            is_zero: (!no_create && !tchain.top().files()[0].is_block_device())
+                || o.has("target-is-zero"),
         },
         &ConvertOptions {
-            sparse: Some(sparse),
+            // copy_file_range cannot see zeros: -C copies data extents as they are.
+            sparse: if o.has("copy-range-offloading") {
+                None
+            } else {
+                Some(sparse)
+            },
             src_cache,
             dst_cache,
             copy_range: o.has("copy-range-offloading"),

@@ -79,7 +79,10 @@ pub fn run(args: &[String]) -> Result<i32> {
     let mut input: Option<String> = None;
     let mut output: Option<String> = None;
     for operand in &o.pos {
-        let (k, v) = operand.split_once('=').unwrap_or((operand.as_str(), ""));
+        let Some((k, v)) = operand.split_once('=') else {
+            report(&format!("unrecognized operand {operand}"));
+            return Ok(1);
+        };
         match k {
             "bs" => {
                 bs = match parse_size(v, 1) {

@@ -1,6 +1,6 @@
 //! `map`: the allocation map of an image chain, as qemu-img prints it.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use rimg_formats::Access;
 use rimg_formats::{Chain, ChainExtent, Extent, GuestOff};
 
@@ -147,17 +147,11 @@ pub fn run(args: &[String]) -> Result<i32> {
     }
     let json = output_format("map", o.get("output"))?;
     let start = match o.get("start-offset") {
-        Some(v) => match rimg_formats::opts::parse_size(v, 1) {
-            Ok(n) if n <= i64::MAX as u64 => n,
-            _ => bail!("Invalid start offset specified! You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."),
-        },
+        Some(v) => super::create::parse_num("start offset", v)?,
         None => 0,
     };
     let max_len = match o.get("max-length") {
-        Some(v) => match rimg_formats::opts::parse_size(v, 1) {
-            Ok(n) if n <= i64::MAX as u64 => Some(n),
-            _ => bail!("Invalid length specified! You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."),
-        },
+        Some(v) => Some(super::create::parse_num("max length", v)?),
         None => None,
     };
     let spec = ImageSpec::resolve(&o.pos[0], o.get("format"), o.has("image-opts"))?;
@@ -167,7 +161,21 @@ pub fn run(args: &[String]) -> Result<i32> {
         Some(l) => start.saturating_add(l).min(size),
         None => size,
     };
-    let entries = collect(&chain, start, end)?;
+    let mut entries = collect(&chain, start, end)?;
+    if entries.is_empty() {
+        // qemu-img prints one empty, not-present entry for an empty range.
+        entries.push(Entry {
+            start,
+            length: 0,
+            depth: 0,
+            present: false,
+            zero: false,
+            data: false,
+            compressed: false,
+            offset: None,
+            file: 0,
+        });
+    }
     let mut out = String::new();
     if json {
         out.push('[');

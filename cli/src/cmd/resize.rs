@@ -68,9 +68,9 @@ fn split_size(args: &[String]) -> (Vec<String>, Option<String>) {
             i += if takes_arg(a) { 2 } else { 1 };
             continue;
         }
-        // a is the filename
+        // a is the filename; a following "-<digit>..." is the size, not an option.
         if let Some(next) = args.get(i + 1) {
-            if next.starts_with('-') && next.len() > 1 && next != "--" {
+            if next.len() > 1 && next.starts_with('-') && next.as_bytes()[1].is_ascii_digit() {
                 let mut rest = args.to_vec();
                 let size = rest.remove(i + 1);
                 return (rest, Some(size));
@@ -131,11 +131,12 @@ pub fn run(args: &[String]) -> Result<i32> {
         -1 => i128::from(current) - i128::from(n),
         _ => i128::from(n),
     };
-    if total <= 0 {
+    // qemu computes in int64: anything past 2^63 wraps negative.
+    if total <= 0 || total > i128::from(i64::MAX) {
         bail!("New image size must be positive");
     }
     let total = u64::try_from(total).unwrap_or(u64::MAX);
-    if total < current && prealloc != Preallocation::Off {
+    if total <= current && prealloc != Preallocation::Off {
         bail!("Preallocation can only be used for growing images");
     }
     if total < current && !o.has("shrink") {

