@@ -1,1 +1,437 @@
-fn main() {}
+//! `side-by-side`: times `rimg` and `qemu-img` on the same raw-image workloads, alternately, and reports
+//! the median of each and the ratio qemu-img/rimg (> 1 means rimg is faster).
+//!
+//! The harness builds its own inputs at run time in a scratch directory: a dense raw image (incompressible
+//! pseudo-random data over the whole size) and a sparse raw image (random data in 25% of the 1 MiB chunks,
+//! holes elsewhere), plus byte-identical copies of both for the `compare` workloads. Each timed run starts
+//! from the same state: both tools' previous outputs are removed and `sync` is run (untimed) so that
+//! writeback left by one tool is never charged to the other; with `--drop-caches` the page cache is dropped
+//! as well. Wall clock decides the ratio; each run's CPU time (user + system) is reported beside it.
+//!
+//! std only, on purpose: the harness must build wherever rimg builds and must not perturb what it measures.
+
+#[path = "side_by_side/args.rs"]
+mod args;
+#[path = "side_by_side/inputs.rs"]
+mod inputs;
+#[path = "side_by_side/report.rs"]
+mod report;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use args::{parse_args, workspace_root, Options, Parsed, USAGE};
+use inputs::{prepare_inputs, Scratch, Workload};
+use report::{print_table, utc_now, write_json, Row, RunInfo};
+
+/// Harness errors are reported as one message and a non-zero exit; a `String` carries enough context.
+type Result<T> = std::result::Result<T, String>;
+
+/// CPU time (user + system) of all reaped children so far, from `/proc/self/stat` (`cutime`, `cstime`), in
+/// seconds. The kernel counts in clock ticks (`tick` seconds each, normally 10 ms), so a delta around one run
+/// is that run's CPU time to within a tick. `None` when /proc is unreadable.
+fn children_cpu_s(tick: f64) -> Option<f64> {
+    let stat = fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name start at field 3 (state); cutime is 16, cstime 17.
+    let mut fields = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .skip(13);
+    let cutime: u64 = fields.next()?.parse().ok()?;
+    let cstime: u64 = fields.next()?.parse().ok()?;
+    Some((cutime + cstime) as f64 * tick)
+}
+
+/// Seconds per clock tick (`getconf CLK_TCK`, 100 Hz if that fails).
+fn clock_tick_s() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .filter(|&hz| hz > 0.0)
+        .map_or(0.01, |hz| 1.0 / hz)
+}
+
+/// One timed run's measurements.
+struct Sample {
+    /// Wall clock from spawn to exit.
+    wall: Duration,
+    /// User + system CPU seconds of the tool (all its threads), if measurable.
+    cpu_s: Option<f64>,
+    /// What the tool wrote to stderr (it succeeded).
+    stderr: String,
+}
+
+/// A tool under test.
+struct Tool {
+    /// Short label: `rimg` or `qemu-img`.
+    label: &'static str,
+    /// Binary to run.
+    path: PathBuf,
+    /// First line of `--version`.
+    version: String,
+    /// Seconds per clock tick, for CPU times.
+    tick: f64,
+}
+
+impl Tool {
+    /// Finds the tool and reads its version; fails if it cannot be run.
+    fn new(label: &'static str, path: PathBuf) -> Result<Tool> {
+        let out = Command::new(&path)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {label} ({}): {e}", path.display()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{label} --version failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let version = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        Ok(Tool {
+            label,
+            path,
+            version,
+            tick: clock_tick_s(),
+        })
+    }
+
+    /// Runs the tool once with `args`, timing wall clock from spawn to exit and its CPU time. A non-zero exit
+    /// aborts with the tool's stderr. Anything written to stderr on success is returned so the caller can
+    /// mention it.
+    fn run_timed(&self, args: &[String]) -> Result<Sample> {
+        let cpu_before = children_cpu_s(self.tick);
+        let start = Instant::now();
+        let out = Command::new(&self.path)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", self.path.display()))?;
+        let wall = start.elapsed();
+        let cpu_s = children_cpu_s(self.tick)
+            .zip(cpu_before)
+            .map(|(after, before)| after - before);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !out.status.success() {
+            return Err(format!(
+                "{} {} failed ({}):\n{}",
+                self.label,
+                args.join(" "),
+                out.status,
+                stderr.trim_end()
+            ));
+        }
+        Ok(Sample {
+            wall,
+            cpu_s,
+            stderr,
+        })
+    }
+}
+
+/// Flushes dirty pages (untimed) and, if asked and permitted, drops the page cache.
+struct CacheControl {
+    /// Still trying to drop caches (cleared after the first failure, which is reported once).
+    drop: bool,
+}
+
+impl CacheControl {
+    /// Brings the system to the same state before every timed run.
+    fn settle(&mut self) {
+        let _ = Command::new("sync").status();
+        if self.drop {
+            if let Err(e) = fs::write("/proc/sys/vm/drop_caches", "3\n") {
+                eprintln!(
+                    "warning: could not drop caches (writing /proc/sys/vm/drop_caches: {e}; \
+                     needs root and a writable /proc/sys); timing with a warm cache"
+                );
+                self.drop = false;
+            }
+        }
+    }
+}
+
+/// Checks with `qemu-img compare` that `out` has the same content as `src`, and returns the output's
+/// allocated bytes (for the log: a sparse source should give a sparse output).
+fn verify(qemu: &Tool, src: &Path, out: &Path) -> Result<u64> {
+    let res = Command::new(&qemu.path)
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(src)
+        .arg(out)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run qemu-img compare: {e}"))?;
+    if !res.status.success() {
+        return Err(format!(
+            "verification failed: qemu-img compare {} {} ({}):\n{}{}",
+            src.display(),
+            out.display(),
+            res.status,
+            String::from_utf8_lossy(&res.stdout),
+            String::from_utf8_lossy(&res.stderr)
+        ));
+    }
+    let meta = fs::metadata(out).map_err(|e| format!("stat {}: {e}", out.display()))?;
+    Ok(meta.blocks() * 512)
+}
+
+/// Removes the previous convert outputs of both tools, if any, so every timed run starts from the same
+/// state: no output file, and none of the other tool's output left in the page cache.
+fn remove_outputs(w: Workload, scratch: &Scratch, tools: [&Tool; 2]) -> Result<()> {
+    if !w.is_convert() {
+        return Ok(());
+    }
+    for tool in tools {
+        let out = scratch.output(tool.label);
+        match fs::remove_file(&out) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("removing {}: {e}", out.display())),
+        }
+    }
+    Ok(())
+}
+
+/// Whether this machine is a VM whose virtio-balloon reports free pages to the host
+/// (`VIRTIO_BALLOON_F_REPORTING`, feature bit 5). The host then discards memory the guest frees, and the
+/// guest faults it back in on its next use: a buffered convert that writes GiBs into freshly allocated page
+/// cache runs several times slower when the pages freed by the previous run's deleted output have been
+/// reported in between (a matter of timing, so such rows turn bimodal for both tools alike).
+fn free_page_reporting() -> bool {
+    let Ok(devices) = fs::read_dir("/sys/bus/virtio/drivers/virtio_balloon") else {
+        return false;
+    };
+    devices.flatten().any(|d| {
+        fs::read_to_string(d.path().join("features"))
+            .map(|f| f.as_bytes().get(5) == Some(&b'1'))
+            .unwrap_or(false)
+    })
+}
+
+/// The 1-, 5- and 15-minute load averages, for judging how busy the machine was.
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Runs one workload `warmup` times untimed and `runs` times timed per tool, alternating the order, and
+/// verifies convert outputs once.
+fn run_workload(
+    w: Workload,
+    opts: &Options,
+    scratch: &Scratch,
+    tools: [&Tool; 2],
+    cache: &mut CacheControl,
+) -> Result<Row> {
+    let [rimg, qemu] = tools;
+    let mut wall: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut cpu: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut stderr_noted = Vec::new();
+    println!("== {}", w.name());
+    for tool in tools {
+        let args = w.args(scratch, &scratch.output(tool.label));
+        println!("   {} {}", tool.label, args.join(" "));
+    }
+    for _ in 0..opts.warmup {
+        for tool in tools {
+            let out = scratch.output(tool.label);
+            remove_outputs(w, scratch, tools)?;
+            cache.settle();
+            tool.run_timed(&w.args(scratch, &out))?;
+        }
+    }
+    for run in 1..=opts.runs {
+        let order = if run % 2 == 1 {
+            [rimg, qemu]
+        } else {
+            [qemu, rimg]
+        };
+        let mut line = format!("   run {run}/{}:", opts.runs);
+        for tool in order {
+            let out = scratch.output(tool.label);
+            remove_outputs(w, scratch, tools)?;
+            cache.settle();
+            let Sample {
+                wall: elapsed,
+                cpu_s,
+                stderr,
+            } = tool.run_timed(&w.args(scratch, &out))?;
+            let secs = elapsed.as_secs_f64();
+            wall.entry(tool.label).or_default().push(secs);
+            let _ = write!(line, "  {} {secs:.3} s", tool.label);
+            if let Some(c) = cpu_s {
+                cpu.entry(tool.label).or_default().push(c);
+                let _ = write!(line, " (cpu {c:.2})");
+            }
+            if !stderr.trim().is_empty() && !stderr_noted.contains(&tool.label) {
+                stderr_noted.push(tool.label);
+                eprintln!(
+                    "note: {} wrote to stderr on success: {}",
+                    tool.label,
+                    stderr.trim()
+                );
+            }
+            if w.is_convert() && run == 1 {
+                let src = scratch.image(w.input());
+                let allocated = verify(qemu, &src, &out)?;
+                let _ = write!(
+                    line,
+                    " (verified, {} MiB allocated)",
+                    allocated.div_ceil(1 << 20)
+                );
+            }
+        }
+        println!("{line}");
+    }
+    if w.is_convert() {
+        for tool in tools {
+            let _ = fs::remove_file(scratch.output(tool.label));
+        }
+    }
+    Ok(Row {
+        workload: w,
+        rimg: wall.remove(rimg.label).unwrap_or_default(),
+        qemu: wall.remove(qemu.label).unwrap_or_default(),
+        rimg_cpu: cpu.remove(rimg.label).unwrap_or_default(),
+        qemu_cpu: cpu.remove(qemu.label).unwrap_or_default(),
+    })
+}
+
+/// Runs git in the workspace root and returns its trimmed stdout on success.
+fn git(args: &[&str]) -> Option<String> {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(workspace_root())
+        .args(args)
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The whole run; `main` only maps its error to a message and an exit code.
+fn run(opts: Options) -> Result<()> {
+    if !opts.rimg.is_file() {
+        return Err(format!(
+            "rimg not found at {} (build it with `cargo build --release -p rimg-cli`, or pass --rimg / set RIMG)",
+            opts.rimg.display()
+        ));
+    }
+    let rimg = Tool::new("rimg", opts.rimg.clone())?;
+    let qemu = Tool::new("qemu-img", opts.qemu_img.clone())?;
+    let mut info = RunInfo {
+        size: opts.size,
+        runs: opts.runs,
+        rimg_version: rimg.version.clone(),
+        qemu_version: qemu.version.clone(),
+        date: utc_now(),
+        git_commit: git(&["rev-parse", "HEAD"]),
+        git_dirty: git(&["status", "--porcelain", "--untracked-files=no"]).map(|s| !s.is_empty()),
+        drop_caches: opts.drop_caches,
+        warmup: opts.warmup,
+        free_page_reporting: free_page_reporting(),
+        loadavg_start: String::new(),
+        loadavg_end: String::new(),
+    };
+    let scratch = Scratch::new(opts.dir.as_deref(), opts.keep)?;
+    println!("rimg:     {} ({})", rimg.path.display(), rimg.version);
+    println!("qemu-img: {} ({})", qemu.path.display(), qemu.version);
+    println!(
+        "size {} MiB, {} runs per tool after {} warm-up, scratch {}, git {}{}, {}",
+        opts.size >> 20,
+        opts.runs,
+        opts.warmup,
+        scratch.dir.display(),
+        info.git_commit.as_deref().unwrap_or("unknown"),
+        if info.git_dirty == Some(true) {
+            " (dirty)"
+        } else {
+            ""
+        },
+        if opts.drop_caches {
+            "dropping caches before each run"
+        } else {
+            "warm page cache"
+        }
+    );
+    if info.free_page_reporting {
+        println!(
+            "note: this VM reports freed memory to its host (virtio-balloon free page reporting): buffered \
+             converts also time the host faulting page-cache memory back in, and come out bimodal for both \
+             tools; trust the cpu columns and the -direct rows more"
+        );
+    }
+    prepare_inputs(&opts, &scratch)?;
+
+    let mut cache = CacheControl {
+        drop: opts.drop_caches,
+    };
+    let mut rows = Vec::new();
+    info.loadavg_start = loadavg();
+    for &w in &opts.workloads {
+        rows.push(run_workload(
+            w,
+            &opts,
+            &scratch,
+            [&rimg, &qemu],
+            &mut cache,
+        )?);
+    }
+    info.loadavg_end = loadavg();
+    print_table(&rows);
+    println!(
+        "load average (1/5/15 min): {} at start, {} at end",
+        info.loadavg_start, info.loadavg_end
+    );
+    if let Some(path) = &opts.json {
+        write_json(path, &rows, &info)?;
+        println!("appended {} JSON lines to {}", rows.len(), path.display());
+    }
+    Ok(())
+}
+
+/// Parses the arguments, runs, and maps errors to exit codes (2: bad arguments, 1: the run failed).
+fn main() -> ExitCode {
+    let opts = match parse_args(std::env::args().skip(1)) {
+        Ok(Parsed::Run(opts)) => opts,
+        Ok(Parsed::Help) => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("side-by-side: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("side-by-side: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -551,19 +551,18 @@ impl CopyWork {
                     let Some(mut buf) = self.buf.take() else {
                         break; // a write is in flight with the buffer
                     };
-                    let (slot, host, len) = match self.ios.pop_front() {
+                    let (slot, host, start, len) = match self.ios.pop_front() {
                         Some(Io::Write {
                             file,
                             host,
                             buf_off,
                             len,
-                        }) => {
-                            if buf_off != 0 {
-                                buf.set_len(buf.capacity());
-                                buf.as_mut_slice().copy_within(buf_off..buf_off + len, 0);
-                            }
-                            (cx.files.slot(file, host, len as u64), host, len)
-                        }
+                        }) => (
+                            cx.files.slot_at(file, host, len as u64, buf_off),
+                            host,
+                            buf_off,
+                            len,
+                        ),
                         Some(Io::WriteZeros { file, host, len }) => {
                             let cap = buf.capacity();
                             let n = (len as usize).min(cap);
@@ -576,7 +575,7 @@ impl CopyWork {
                                     len: len - n as u64,
                                 });
                             }
-                            (cx.files.slot(file, host, n as u64), host, n)
+                            (cx.files.slot(file, host, n as u64), host, 0, n)
                         }
                         _ => unreachable!("front was a write"),
                     };
@@ -586,6 +585,7 @@ impl CopyWork {
                             file: slot,
                             off: host,
                             buf,
+                            start,
                             len,
                         },
                     );

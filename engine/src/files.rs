@@ -151,13 +151,19 @@ impl JobFiles {
         v
     }
 
-    /// The slot to use for I/O of `len` bytes at `off` (memory is always page aligned):
-    /// the direct descriptor when aligned, else the buffered one.
+    /// The slot to use for I/O of `len` bytes at `off` from the start of a buffer (which is
+    /// page aligned): the direct descriptor when aligned, else the buffered one.
     pub fn slot(&self, i: FileIdx, off: u64, len: u64) -> FileSlot {
+        self.slot_at(i, off, len, 0)
+    }
+
+    /// As [`JobFiles::slot`], for I/O from `mem_off` bytes into a buffer.
+    pub fn slot_at(&self, i: FileIdx, off: u64, len: u64, mem_off: usize) -> FileSlot {
         let f = &self.files[i.0];
         if let Some((_, a)) = &f.direct {
             let m = u64::from(a.offset) - 1;
-            if off & m == 0 && len & m == 0 {
+            let mm = a.mem.max(1) as usize - 1;
+            if off & m == 0 && len & m == 0 && mem_off & mm == 0 {
                 return FileSlot(i.0 as u32 * 2 + 1);
             }
         }

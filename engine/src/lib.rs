@@ -101,8 +101,15 @@ impl Engine {
         &self.cfg
     }
 
-    /// Number of shards a job will start.
+    /// Number of shards a job will start (`RIMG_SHARDS` overrides the configuration).
     pub fn shard_count(&self) -> usize {
+        if let Some(n) = std::env::var("RIMG_SHARDS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|n| *n > 0)
+        {
+            return n.min(64);
+        }
         if self.cfg.shards > 0 {
             return self.cfg.shards;
         }

@@ -289,12 +289,20 @@ impl Runner<'_> {
                 let bytes = pattern(seed, off, len);
                 self.model.write(off, &bytes);
                 let mut buf = self.take_buf();
-                buf.as_mut_slice()[..len].copy_from_slice(&bytes);
+                // Odd seeds write from 4 KiB into the buffer (aligned for any O_DIRECT
+                // memory alignment), to exercise `start`.
+                let start = if seed % 2 == 1 && len + 4096 <= buf.len() {
+                    4096
+                } else {
+                    0
+                };
+                buf.as_mut_slice()[start..start + len].copy_from_slice(&bytes);
                 (
                     OpKind::Write {
                         file,
                         off,
                         buf,
+                        start,
                         len,
                     },
                     Expect::Len(len),
@@ -470,6 +478,7 @@ fn drop_with_ops_in_flight() {
                     file: FileSlot(0),
                     off: i * MAX_LEN as u64,
                     buf,
+                    start: 0,
                     len: MAX_LEN,
                 },
             };

@@ -51,7 +51,7 @@ pub enum OpKind {
         /// destination; its whole length is requested
         buf: Buf,
     },
-    /// Write the first `len` bytes of `buf` at `off`.
+    /// Write `len` bytes of `buf`, starting `start` bytes into it, at `off`.
     Write {
         /// file to write to
         file: FileSlot,
@@ -59,7 +59,9 @@ pub enum OpKind {
         off: u64,
         /// source buffer
         buf: Buf,
-        /// bytes of `buf` to write (`<= buf.len()`)
+        /// where in `buf` the bytes start (O_DIRECT needs `start` aligned like memory)
+        start: usize,
+        /// bytes to write (`start + len <= buf.len()`)
         len: usize,
     },
     /// `fsync(2)` (or `fdatasync(2)` when `data_only`).

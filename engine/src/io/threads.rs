@@ -98,9 +98,15 @@ fn run(job: Job) -> Completion {
             result: pread_full(fd, buf.as_mut_slice(), off),
             buf: Some(buf),
         },
-        OpKind::Write { off, buf, len, .. } => Completion {
+        OpKind::Write {
+            off,
+            buf,
+            start,
+            len,
+            ..
+        } => Completion {
             user,
-            result: pwrite_full(fd, &buf.as_slice()[..len], off),
+            result: pwrite_full(fd, &buf.as_slice()[start..start + len], off),
             buf: Some(buf),
         },
         OpKind::Fsync { data_only, .. } => Completion {
@@ -229,7 +235,12 @@ impl Queue for ThreadQueue {
                 io::ErrorKind::InvalidInput,
                 format!("file slot {} not registered", file.0),
             )),
-            (OpKind::Write { buf, len, .. }, _) if *len > buf.len() => Some(io::Error::new(
+            (
+                OpKind::Write {
+                    buf, start, len, ..
+                },
+                _,
+            ) if start.checked_add(*len).is_none_or(|end| end > buf.len()) => Some(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("write of {len} bytes from a {}-byte buffer", buf.len()),
             )),

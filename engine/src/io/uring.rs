@@ -169,10 +169,14 @@ impl UringQueue {
         }
         match kind {
             OpKind::Read { buf, .. } if buf.is_empty() => Some(Ok(0)),
-            OpKind::Write { buf, len, .. } if *len > buf.len() => Some(Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("write of {len} bytes from a {}-byte buffer", buf.len()),
-            ))),
+            OpKind::Write {
+                buf, start, len, ..
+            } if start.checked_add(*len).is_none_or(|end| end > buf.len()) => {
+                Some(Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("write of {len} bytes from a {}-byte buffer", buf.len()),
+                )))
+            }
             OpKind::Write { len: 0, .. } => Some(Ok(0)),
             OpKind::Fallocate {
                 file,
@@ -215,12 +219,14 @@ impl UringQueue {
                 file,
                 off,
                 buf,
+                start,
                 len,
             } => {
                 let fixed = fixed_bufs && self.arena.owns(buf);
                 let n = (*len - done).min(MAX_SQE_LEN) as u32;
                 let index = buf.index();
-                let ptr = buf.as_mut_ptr().wrapping_add(done).cast_const();
+                // Inside the chunk: `start + done < start + len <= buf.len() <= capacity`.
+                let ptr = buf.as_mut_ptr().wrapping_add(*start + done).cast_const();
                 let off = *off + done as u64;
                 let file = *file;
                 if fixed {
@@ -560,6 +566,7 @@ mod tests {
                 file: FileSlot(0),
                 off: 4096,
                 buf: b,
+                start: 0,
                 len: 65536,
             },
         })
