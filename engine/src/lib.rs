@@ -44,12 +44,18 @@ pub struct EngineConfig {
 }
 
 impl Default for EngineConfig {
+    /// Defaults; `RIMG_UNIT_KIB` overrides the unit size (for tuning experiments).
     fn default() -> Self {
+        let unit = std::env::var("RIMG_UNIT_KIB")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|k| (4..=16384).contains(k) && k.is_power_of_two())
+            .map_or(DEFAULT_UNIT, |k| k << 10);
         EngineConfig {
             shards: 0,
             backend: BackendChoice::Auto,
             budget: DEFAULT_BUDGET,
-            unit: DEFAULT_UNIT,
+            unit,
         }
     }
 }
