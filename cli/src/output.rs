@@ -43,6 +43,45 @@ pub fn fmt_g3(v: f64) -> String {
     s
 }
 
+/// Print a QAPI value in qemu-img's human form (its `dump_qobject`): one `key: value` per
+/// line, dashes in keys shown as spaces, nested objects and lists indented 4 spaces a level,
+/// list items as `[i]:`.
+pub fn dump_human(out: &mut String, v: &Value, indent: usize) {
+    match v {
+        Value::Object(m) => {
+            for (k, item) in m {
+                let composite = matches!(item, Value::Object(_) | Value::Array(_));
+                pad(out, indent * 4);
+                out.push_str(&k.replace('-', " "));
+                out.push(':');
+                if composite {
+                    out.push('\n');
+                    dump_human(out, item, indent + 1);
+                } else {
+                    out.push(' ');
+                    dump_human(out, item, indent);
+                }
+            }
+        }
+        Value::Array(a) => {
+            for (i, item) in a.iter().enumerate() {
+                pad(out, indent * 4);
+                out.push_str(&format!("[{i}]:\n"));
+                dump_human(out, item, indent + 1);
+            }
+        }
+        Value::String(s) => {
+            out.push_str(s);
+            out.push('\n');
+        }
+        Value::Null => out.push_str("null\n"),
+        other => {
+            out.push_str(&other.to_string());
+            out.push('\n');
+        }
+    }
+}
+
 /// Pretty-print a JSON value the way QEMU's `qobject_to_json_pretty` does (4-space indent,
 /// empty containers still broken over two lines).
 pub fn qemu_json(v: &Value) -> String {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use rimg_formats::{Chain, ChainExtent, Extent, GuestOff};
 
+use crate::decompress::{read_compressed, CompressedSrc};
 use crate::files::{CacheMode, FileIdx, JobFiles};
 use crate::io::{Buf, OpKind};
 use crate::shard::{Cx, Outcome, Pool, Step, Work};
@@ -55,7 +56,33 @@ fn status(ce: &ChainExtent, layers: usize, off: u64, size: u64) -> (bool, bool, 
 }
 
 /// Where a side's bytes are, if it has data: (file, host offset).
-type Side = Option<(FileIdx, u64)>;
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Side {
+    /// no data: reads as zeros
+    Zero,
+    /// verbatim at (file, host offset)
+    Data(FileIdx, u64),
+    /// a compressed unit
+    Compressed(CompressedSrc),
+}
+
+impl Side {
+    fn has_data(&self) -> bool {
+        *self != Side::Zero
+    }
+
+    /// The side `n` guest bytes further on.
+    fn advance(self, n: u64) -> Side {
+        match self {
+            Side::Zero => Side::Zero,
+            Side::Data(f, h) => Side::Data(f, h + n),
+            Side::Compressed(mut c) => {
+                c.skip += n;
+                Side::Compressed(c)
+            }
+        }
+    }
+}
 
 /// Compare `a` and `b`.
 pub fn compare(
@@ -94,15 +121,28 @@ pub fn compare(
         progress: opts.progress,
     };
     let side = |k: usize, ce: &ChainExtent| -> Result<Side> {
-        match ce.extent {
+        Ok(match ce.extent {
             Extent::Data { file, host, .. } => {
-                Ok(Some((idx[k][ce.depth][file.0 as usize], host.0)))
+                Side::Data(idx[k][ce.depth][file.0 as usize], host.0)
             }
-            Extent::Compressed { .. } => Err(Error::Format(rimg_formats::Error::Unsupported(
-                "compressed data is not supported by rimg yet".into(),
-            ))),
-            _ => Ok(None),
-        }
+            Extent::Compressed {
+                file,
+                host,
+                clen_max,
+                codec,
+                unit,
+                skip,
+                ..
+            } => Side::Compressed(CompressedSrc {
+                file: idx[k][ce.depth][file.0 as usize],
+                host: host.0,
+                clen_max,
+                codec,
+                unit,
+                skip,
+            }),
+            _ => Side::Zero,
+        })
     };
 
     // Common part, in lockstep.
@@ -140,7 +180,7 @@ pub fn compare(
             break;
         }
         let (da, db) = (side(0, xa)?, side(1, xb)?);
-        if da.is_some() || db.is_some() {
+        if da.has_data() || db.has_data() {
             let mut d = 0;
             while d < n {
                 let g = off + d;
@@ -148,8 +188,8 @@ pub fn compare(
                 run.send(Box::new(CompareWork::new(
                     g,
                     m,
-                    da.map(|(f, h)| (f, h + d)),
-                    db.map(|(f, h)| (f, h + d)),
+                    da.advance(d),
+                    db.advance(d),
                 )));
                 d += m;
             }
@@ -202,12 +242,13 @@ pub fn compare(
             }
             for ce in &ex {
                 let n = ce.extent.len();
-                if let Some((f, h)) = side(k, ce)? {
+                let s = side(k, ce)?;
+                if s.has_data() {
                     let mut d = 0;
                     while d < n {
                         let g = off + d;
                         let m = (unit - g % unit).min(n - d);
-                        run.send(Box::new(CompareWork::new(g, m, Some((f, h + d)), None)));
+                        run.send(Box::new(CompareWork::new(g, m, s.advance(d), Side::Zero)));
                         d += m;
                     }
                 } else {
@@ -315,7 +356,7 @@ impl CompareWork {
     }
 
     fn judge(&mut self) {
-        let first_diff = match (self.sides[0].is_some(), self.sides[1].is_some()) {
+        let first_diff = match (self.sides[0].has_data(), self.sides[1].has_data()) {
             (true, true) => {
                 let (x, y) = (self.data(0), self.data(1));
                 if x == y {
@@ -325,7 +366,7 @@ impl CompareWork {
                 }
             }
             (true, false) | (false, true) => {
-                let k = usize::from(self.sides[0].is_none());
+                let k = usize::from(!self.sides[0].has_data());
                 let d = self.data(k);
                 if zero::is_zero(d) {
                     None
@@ -341,6 +382,20 @@ impl CompareWork {
     }
 }
 
+impl CompareWork {
+    /// Every side is in: judge, and give the buffers back.
+    fn settle(&mut self, cx: &mut Cx<'_>) {
+        if self.err.is_none() {
+            self.judge();
+        }
+        for b in self.bufs.iter_mut() {
+            if let Some(b) = b.take() {
+                cx.put_buf(b);
+            }
+        }
+    }
+}
+
 impl Work for CompareWork {
     fn buffers(&self) -> usize {
         2
@@ -348,8 +403,24 @@ impl Work for CompareWork {
 
     fn start(&mut self, cx: &mut Cx<'_>) -> Step {
         for k in 0..2 {
-            let Some((file, host)) = self.sides[k] else {
-                continue;
+            let (file, host) = match self.sides[k] {
+                Side::Zero => continue,
+                Side::Data(f, h) => (f, h),
+                Side::Compressed(c) => {
+                    let mut buf = cx.take_buf();
+                    buf.set_len(self.len as usize);
+                    if let Err(e) = read_compressed(cx.files, &c, buf.as_mut_slice()) {
+                        self.err.get_or_insert(Error::Io {
+                            what: "reading compressed cluster of",
+                            path: cx.files.path(c.file).to_string(),
+                            off: c.host,
+                            source: e,
+                        });
+                    }
+                    self.skips[k] = 0;
+                    self.bufs[k] = Some(buf);
+                    continue;
+                }
             };
             let mut buf = cx.take_buf();
             let align = cx.files.align(file);
@@ -374,6 +445,7 @@ impl Work for CompareWork {
             self.outstanding += 1;
         }
         if self.outstanding == 0 {
+            self.settle(cx);
             Step::Done
         } else {
             Step::Pending
@@ -398,7 +470,9 @@ impl Work for CompareWork {
             }
             Ok(_) => {}
             Err(e) => {
-                let (file, host) = self.sides[k].expect("read has a side");
+                let Side::Data(file, host) = self.sides[k] else {
+                    unreachable!("only data sides are read through the queue")
+                };
                 self.err.get_or_insert(Error::Io {
                     what: "reading",
                     path: cx.files.path(file).to_string(),
@@ -411,14 +485,7 @@ impl Work for CompareWork {
         if self.outstanding > 0 {
             return Step::Pending;
         }
-        if self.err.is_none() {
-            self.judge();
-        }
-        for b in self.bufs.iter_mut() {
-            if let Some(b) = b.take() {
-                cx.put_buf(b);
-            }
-        }
+        self.settle(cx);
         Step::Done
     }
 

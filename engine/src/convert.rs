@@ -17,6 +17,7 @@ use rimg_formats::{
     Action, Chain, Extent, FileId, GuestOff, Image, ImageWriter, Placement, Ticket,
 };
 
+use crate::decompress::{read_compressed, CompressedSrc};
 use crate::files::{CacheMode, FileIdx, JobFiles};
 use crate::io::{Buf, FallocMode, FileSlot, OpKind};
 use crate::shard::{Cx, Outcome, Pool, Step, Work};
@@ -151,7 +152,10 @@ pub fn convert(
             let covered = if off >= vsize {
                 exts.push(rimg_formats::ChainExtent {
                     depth: s.chain.layers().len(),
-                    extent: Extent::Unallocated { len: want },
+                    extent: Extent::Unallocated {
+                        len: want,
+                        at: None,
+                    },
                 });
                 want
             } else {
@@ -160,7 +164,10 @@ pub fn convert(
                         // Nothing more mapped: the rest reads as zeros.
                         exts.push(rimg_formats::ChainExtent {
                             depth: s.chain.layers().len(),
-                            extent: Extent::Unallocated { len: want },
+                            extent: Extent::Unallocated {
+                                len: want,
+                                at: None,
+                            },
                         });
                         want
                     }
@@ -175,23 +182,33 @@ pub fn convert(
                 let len = ce.extent.len();
                 let src = match ce.extent {
                     Extent::Data { file, host, .. } => {
-                        Some((src_idx[si][ce.depth][file.0 as usize], host.0))
+                        Src::Data(src_idx[si][ce.depth][file.0 as usize], host.0)
                     }
-                    Extent::Zero { .. } | Extent::Unallocated { .. } => None,
-                    _ => {
-                        plan.fail(Error::Format(rimg_formats::Error::Unsupported(
-                            "compressed source data is not supported by rimg yet".into(),
-                        )));
-                        break 'sources;
-                    }
+                    Extent::Compressed {
+                        file,
+                        host,
+                        clen_max,
+                        codec,
+                        unit,
+                        skip,
+                        ..
+                    } => Src::Compressed(CompressedSrc {
+                        file: src_idx[si][ce.depth][file.0 as usize],
+                        host: host.0,
+                        clen_max,
+                        codec,
+                        unit,
+                        skip,
+                    }),
+                    _ => Src::Zeros,
                 };
                 // Split at target unit boundaries.
                 let mut done = 0;
                 while done < len {
                     let t = tgt + done;
                     let n = (unit - t % unit).min(len - done);
-                    let piece_src = src.map(|(f, h)| (f, h + done));
-                    if piece_src.is_some() || full {
+                    let piece_src = src.advance(done);
+                    if piece_src != Src::Zeros || full {
                         plan.copy(
                             &files,
                             &dst_idx,
@@ -326,7 +343,7 @@ impl Planner<'_, '_> {
         dst_idx: &[FileIdx],
         t: u64,
         n: u64,
-        src: Option<(FileIdx, u64)>,
+        src: Src,
         detect: Option<u64>,
         target_zero: bool,
         opts: &ConvertOptions<'_>,
@@ -342,7 +359,8 @@ impl Planner<'_, '_> {
             .collect();
         let id = self.next_id;
         self.next_id += 1;
-        let cfr = opts.copy_range && detect.is_none() && src.is_some() && dst.len() == 1;
+        let cfr =
+            opts.copy_range && detect.is_none() && matches!(src, Src::Data(..)) && dst.len() == 1;
         let w = Box::new(CopyWork {
             id,
             guest: t,
@@ -376,6 +394,31 @@ impl Planner<'_, '_> {
     }
 }
 
+/// Where a unit's bytes come from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Src {
+    /// nothing to read: zeros
+    Zeros,
+    /// verbatim at (file, host offset)
+    Data(FileIdx, u64),
+    /// a compressed unit to decode
+    Compressed(CompressedSrc),
+}
+
+impl Src {
+    /// The source `n` guest bytes further on.
+    fn advance(self, n: u64) -> Src {
+        match self {
+            Src::Zeros => Src::Zeros,
+            Src::Data(f, h) => Src::Data(f, h + n),
+            Src::Compressed(mut c) => {
+                c.skip += n;
+                Src::Compressed(c)
+            }
+        }
+    }
+}
+
 /// One pending I/O of a unit.
 #[derive(Debug)]
 enum Io {
@@ -406,7 +449,7 @@ struct CopyWork {
     id: u64,
     guest: u64,
     len: u64,
-    src: Option<(FileIdx, u64)>,
+    src: Src,
     dst: Vec<(FileIdx, u64, u64)>,
     detect: Option<u64>,
     target_zero: bool,
@@ -432,7 +475,7 @@ impl CopyWork {
         if CFR_BROKEN.load(Ordering::Relaxed) {
             return false;
         }
-        let (Some((sf, sh)), [(df, dh, _)]) = (self.src, self.dst.as_slice()) else {
+        let (Src::Data(sf, sh), [(df, dh, _)]) = (self.src, self.dst.as_slice()) else {
             return false;
         };
         let (df, dh) = (*df, *dh);
@@ -620,7 +663,7 @@ impl Work for CopyWork {
         }
         let mut buf = cx.take_buf();
         match self.src {
-            None => {
+            Src::Zeros => {
                 // Fully allocate: zeros to every placement.
                 self.buf = Some(buf);
                 for &(file, host, len) in &self.dst {
@@ -628,7 +671,30 @@ impl Work for CopyWork {
                 }
                 self.pump(cx)
             }
-            Some((file, host)) => {
+            Src::Compressed(c) => {
+                // CPU work on this shard: read and decode the unit, then write as usual.
+                buf.set_len(self.len as usize);
+                self.skip = 0;
+                if let Err(e) = read_compressed(cx.files, &c, buf.as_mut_slice()) {
+                    if self.salvage {
+                        buf.as_mut_slice().fill(0);
+                        self.salvaged += self.len;
+                    } else {
+                        self.set_err(Error::Io {
+                            what: "reading compressed cluster of",
+                            path: cx.files.path(c.file).to_string(),
+                            off: c.host,
+                            source: e,
+                        });
+                    }
+                }
+                self.buf = Some(buf);
+                if self.err.is_none() {
+                    self.plan_writes();
+                }
+                self.pump(cx)
+            }
+            Src::Data(file, host) => {
                 let align = cx.files.align(file);
                 let (a_start, a_len) = aligned_range(host, self.len, align);
                 let (off, rlen, skip) = if a_len as usize <= buf.capacity() {
@@ -673,7 +739,9 @@ impl Work for CopyWork {
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        let (file, host) = self.src.expect("read has a source");
+                        let Src::Data(file, host) = self.src else {
+                            unreachable!("only data sources are read through the queue")
+                        };
                         if self.salvage {
                             buf.set_len(buf.capacity());
                             buf.as_mut_slice()[..want].fill(0);
@@ -773,7 +841,7 @@ impl ActionWork {
                 id,
                 guest: 0,
                 len: bytes,
-                src: None,
+                src: Src::Zeros,
                 dst: idx.iter().map(|i| (*i, 0, 0)).collect(),
                 detect: None,
                 target_zero: true,

@@ -14,6 +14,7 @@
 pub mod actions;
 pub mod compare;
 pub mod convert;
+mod decompress;
 mod files;
 pub mod io;
 mod shard;

@@ -160,7 +160,7 @@ impl Chain {
         let Some(layer) = self.layers.get(depth) else {
             out.push(ChainExtent {
                 depth,
-                extent: Extent::Unallocated { len },
+                extent: Extent::Unallocated { len, at: None },
             });
             return Ok(len);
         };
@@ -169,7 +169,7 @@ impl Chain {
             // Past the end of a (shorter) backing file: reads as zeros.
             out.push(ChainExtent {
                 depth: self.layers.len(),
-                extent: Extent::Unallocated { len },
+                extent: Extent::Unallocated { len, at: None },
             });
             return Ok(len);
         }
@@ -178,7 +178,18 @@ impl Chain {
         let mut pos = off;
         for e in exts {
             let l = e.len();
-            if let Extent::Unallocated { .. } = e {
+            if let (Extent::Unallocated { at: Some(_), .. }, true) =
+                (&e, depth + 1 == self.layers.len())
+            {
+                // Nothing below: keep the reserved host location for `map`.
+                push_chain(
+                    out,
+                    ChainExtent {
+                        depth: self.layers.len(),
+                        extent: e,
+                    },
+                );
+            } else if let Extent::Unallocated { .. } = e {
                 let mut done = 0;
                 while done < l {
                     let n = self.map_at(depth + 1, pos.plus(done), l - done, out)?;

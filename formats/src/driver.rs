@@ -160,10 +160,15 @@ pub trait FormatDriver: Sync {
     /// `preallocation=full`) is returned as [`Action`]s on the new image's files for the
     /// engine to perform.
     fn create(&self, spec: &CreateSpec) -> Result<Vec<Action>>;
-    /// Bytes a new image needs: `(required, fully_allocated)` for an image of
-    /// `size` bytes, of which `allocated` bytes hold data (None: measure from `--size`).
-    fn measure(&self, size: u64, allocated: Option<u64>, options: &OptionMap)
-        -> Result<(u64, u64)>;
+    /// Bytes a new image needs: `(required, fully_allocated)` for an image of `size` bytes.
+    /// `data` lists the guest ranges `(start, len)` of the source that hold data (allocated
+    /// and not reading as zeros), in order; `None` when measuring from `--size`.
+    fn measure(
+        &self,
+        size: u64,
+        data: Option<&[(u64, u64)]>,
+        options: &OptionMap,
+    ) -> Result<(u64, u64)>;
 }
 
 /// An open image. Shared by all shards; every method takes `&self`.
@@ -184,6 +189,10 @@ pub trait Image: Send + Sync {
     /// of guest bytes covered. Returns 0 only when `off >= virtual_size()`. Extents past the
     /// virtual size are never returned.
     fn map(&self, off: GuestOff, len: u64, out: &mut Vec<Extent>) -> Result<u64>;
+    /// The cluster size, for formats that have one (`cluster-size` in `info`).
+    fn cluster_size(&self) -> Option<u64> {
+        None
+    }
     /// The `format-specific` data of `info --output=json` (`None` when qemu prints none).
     fn format_specific(&self) -> Option<serde_json::Value> {
         None

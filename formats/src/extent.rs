@@ -38,10 +38,14 @@ pub enum Extent {
         /// host location, if any
         at: Option<(FileId, HostOff)>,
     },
-    /// This layer holds nothing here; the chain decides (backing file or zeros).
+    /// This layer holds nothing here; the chain decides (backing file or zeros). `at` is host
+    /// space reserved for the range without data in it (a qcow2 subcluster of an allocated
+    /// cluster), which `map` reports as the offset when no backing layer answers.
     Unallocated {
         /// length in bytes
         len: u64,
+        /// reserved host location, if any
+        at: Option<(FileId, HostOff)>,
     },
     /// A compressed unit: decode `clen_max` bytes at `host` with `codec` into `unit` bytes,
     /// of which the range covers `len` bytes starting `skip` bytes into the unit.
@@ -69,7 +73,7 @@ impl Extent {
         match *self {
             Extent::Data { len, .. }
             | Extent::Zero { len, .. }
-            | Extent::Unallocated { len }
+            | Extent::Unallocated { len, .. }
             | Extent::Compressed { len, .. } => len,
         }
     }
@@ -84,7 +88,7 @@ impl Extent {
         match self {
             Extent::Data { len, .. }
             | Extent::Zero { len, .. }
-            | Extent::Unallocated { len }
+            | Extent::Unallocated { len, .. }
             | Extent::Compressed { len, .. } => *len = (*len).min(new_len),
         }
     }
@@ -103,7 +107,12 @@ impl Extent {
                     *h = h.plus(n);
                 }
             }
-            Extent::Unallocated { len } => *len -= n,
+            Extent::Unallocated { len, at } => {
+                *len -= n;
+                if let Some((_, h)) = at {
+                    *h = h.plus(n);
+                }
+            }
             Extent::Compressed { skip, len, .. } => {
                 *skip += n;
                 *len -= n;
@@ -133,22 +142,27 @@ impl Extent {
                     explicit: e2,
                     at: a2,
                 },
-            ) if explicit == e2
-                && match (at.as_ref(), a2) {
-                    (None, None) => true,
-                    (Some((f, h)), Some((f2, h2))) => f == f2 && h.plus(*len) == *h2,
-                    _ => false,
-                } =>
-            {
+            ) if explicit == e2 && contiguous(at.as_ref(), *len, a2.as_ref()) => {
                 *len += l2;
                 true
             }
-            (Extent::Unallocated { len }, Extent::Unallocated { len: l2 }) => {
+            (Extent::Unallocated { len, at }, Extent::Unallocated { len: l2, at: a2 })
+                if contiguous(at.as_ref(), *len, a2.as_ref()) =>
+            {
                 *len += l2;
                 true
             }
             _ => false,
         }
+    }
+}
+
+/// Whether two optional host locations continue each other (`a` covering `len` bytes).
+fn contiguous(a: Option<&(FileId, HostOff)>, len: u64, b: Option<&(FileId, HostOff)>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some((f, h)), Some((f2, h2))) => f == f2 && h.plus(len) == *h2,
+        _ => false,
     }
 }
 

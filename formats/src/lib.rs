@@ -25,6 +25,7 @@ pub mod extent;
 pub mod file;
 pub mod lock;
 pub mod opts;
+pub mod qcow2;
 pub mod raw;
 pub mod registry;
 pub mod types;

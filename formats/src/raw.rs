@@ -143,7 +143,7 @@ impl FormatDriver for RawDriver {
     fn measure(
         &self,
         size: u64,
-        _allocated: Option<u64>,
+        _data: Option<&[(u64, u64)]>,
         options: &OptionMap,
     ) -> Result<(u64, u64)> {
         // qemu-img measure checks option names only, not values.

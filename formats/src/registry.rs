@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::file::FileLayer;
 
 /// Every format rimg implements.
-pub static DRIVERS: &[&dyn FormatDriver] = &[&crate::raw::RAW];
+pub static DRIVERS: &[&dyn FormatDriver] = &[&crate::raw::RAW, &crate::qcow2::QCOW2];
 
 /// Image formats qemu-img 10.x knows that rimg does not implement yet: named in a clear
 /// "not supported yet" error instead of qemu-img's "Unknown driver".
@@ -28,7 +28,6 @@ const QEMU_FORMATS: &[&str] = &[
     "parallels",
     "preallocate",
     "qcow",
-    "qcow2",
     "qed",
     "quorum",
     "snapshot-access",

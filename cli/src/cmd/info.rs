@@ -99,6 +99,13 @@ fn file_length(l: &Layer) -> u64 {
         .unwrap_or(0)
 }
 
+/// The backing file as qemu-img reports it: (name as stored, full path, format).
+fn backing_of(l: &Layer) -> Option<(String, String, Option<String>)> {
+    let b = l.image.backing()?;
+    let full = rimg_formats::chain::resolve_backing(&l.filename, &b.name);
+    Some((b.name, full, b.format))
+}
+
 /// `info --output=json` of one layer (QAPI `ImageInfo`, keys in QEMU's order).
 pub fn layer_json(l: &Layer) -> Value {
     let file = &l.image.files()[0];
@@ -111,17 +118,28 @@ pub fn layer_json(l: &Layer) -> Value {
     child.insert("actual-size".into(), json!(file.allocated_bytes()));
     child.insert("format-specific".into(), json!({"type": proto, "data": {}}));
     child.insert("dirty-flag".into(), json!(false));
+    let backing = backing_of(l);
     let mut m = Map::new();
     m.insert(
         "children".into(),
         json!([{"name": "file", "info": Value::Object(child)}]),
     );
+    if let Some((_, _, Some(fmt))) = &backing {
+        m.insert("backing-filename-format".into(), json!(fmt));
+    }
     m.insert("virtual-size".into(), json!(l.image.virtual_size()));
     m.insert("filename".into(), json!(l.filename));
+    if let Some(cs) = l.image.cluster_size() {
+        m.insert("cluster-size".into(), json!(cs));
+    }
     m.insert("format".into(), json!(l.image.format()));
     m.insert("actual-size".into(), json!(file.allocated_bytes()));
     if let Some(fs) = l.image.format_specific() {
         m.insert("format-specific".into(), fs);
+    }
+    if let Some((name, full, _)) = &backing {
+        m.insert("full-backing-filename".into(), json!(full));
+        m.insert("backing-filename".into(), json!(name));
     }
     m.insert("dirty-flag".into(), json!(l.image.dirty()));
     Value::Object(m)
@@ -132,15 +150,39 @@ fn layer_human(l: &Layer) -> String {
     let vsize = l.image.virtual_size();
     let alloc = file.allocated_bytes();
     let flen = file_length(l);
-    format!(
-        "image: {name}\nfile format: {fmt}\nvirtual size: {vs} ({vsize} bytes)\ndisk size: {ds}\n\
-         Child node '/file':\n    filename: {name}\n    protocol type: {proto}\n    \
-         file length: {fl} ({flen} bytes)\n    disk size: {ds}\n",
+    let mut s = format!(
+        "image: {name}\nfile format: {fmt}\nvirtual size: {vs} ({vsize} bytes)\ndisk size: {ds}\n",
         name = l.filename,
         fmt = l.image.format(),
         vs = size_to_str(vsize),
         ds = size_to_str(alloc),
+    );
+    if let Some(cs) = l.image.cluster_size() {
+        s.push_str(&format!("cluster_size: {cs}\n"));
+    }
+    if let Some((name, full, fmt)) = backing_of(l) {
+        if full == name {
+            s.push_str(&format!("backing file: {name}\n"));
+        } else {
+            s.push_str(&format!("backing file: {name} (actual path: {full})\n"));
+        }
+        if let Some(f) = fmt {
+            s.push_str(&format!("backing file format: {f}\n"));
+        }
+    }
+    if let Some(Value::Object(fs)) = l.image.format_specific() {
+        if let Some(data) = fs.get("data") {
+            s.push_str("Format specific information:\n");
+            crate::output::dump_human(&mut s, data, 1);
+        }
+    }
+    s.push_str(&format!(
+        "Child node '/file':\n    filename: {name}\n    protocol type: {proto}\n    \
+         file length: {fl} ({flen} bytes)\n    disk size: {ds}\n",
+        name = l.filename,
         proto = protocol_of(l),
         fl = size_to_str(flen),
-    )
+        ds = size_to_str(alloc),
+    ));
+    s
 }

@@ -88,6 +88,11 @@ impl Entry {
                 e.data = true;
                 e.compressed = true;
             }
+            Extent::Unallocated { at, .. } => {
+                e.zero = true;
+                e.present = false;
+                e.offset = at.map(|(_, h)| h.0);
+            }
             _ => {
                 e.zero = true;
                 e.present = false;
@@ -192,7 +197,11 @@ pub fn run(args: &[String]) -> Result<i32> {
             "Offset", "Length", "Mapped to", "File"
         ));
         for e in &entries {
-            if let (true, Some(off)) = (e.data, e.offset) {
+            if e.data && e.offset.is_none() {
+                print!("{out}");
+                anyhow::bail!("File contains external, encrypted or compressed clusters.");
+            }
+            if let (true, false, Some(off)) = (e.data, e.zero, e.offset) {
                 out.push_str(&format!(
                     "{:<16}{:<16}{:<16}{}\n",
                     hex(e.start),

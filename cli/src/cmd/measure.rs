@@ -94,7 +94,7 @@ pub fn run(args: &[String]) -> Result<i32> {
                 );
             }
             let size = chain.virtual_size();
-            (size, Some(size))
+            (size, Some(data_ranges(&chain)?))
         }
         (None, None) => unreachable!("checked above"),
     };
@@ -103,7 +103,7 @@ pub fn run(args: &[String]) -> Result<i32> {
         bail!("Invalid options for file format '{}'", driver.name());
     }
     let (required, full) = driver
-        .measure(size, allocated, &opts)
+        .measure(size, allocated.as_deref(), &opts)
         .map_err(|e| anyhow!("{e}"))?;
     if json {
         println!(
@@ -114,4 +114,35 @@ pub fn run(args: &[String]) -> Result<i32> {
         println!("required size: {required}\nfully allocated size: {full}");
     }
     Ok(0)
+}
+
+/// Guest ranges of `chain` that hold data (not zeros, not unallocated), merged.
+fn data_ranges(chain: &rimg_formats::Chain) -> Result<Vec<(u64, u64)>> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut off = 0;
+    let size = chain.virtual_size();
+    let mut exts = Vec::new();
+    while off < size {
+        exts.clear();
+        let n = chain.map(rimg_formats::GuestOff(off), size - off, &mut exts)?;
+        if n == 0 {
+            break;
+        }
+        let mut pos = off;
+        for ce in &exts {
+            let len = ce.extent.len();
+            if matches!(
+                ce.extent,
+                rimg_formats::Extent::Data { .. } | rimg_formats::Extent::Compressed { .. }
+            ) {
+                match out.last_mut() {
+                    Some((s, l)) if *s + *l == pos => *l += len,
+                    _ => out.push((pos, len)),
+                }
+            }
+            pos += len;
+        }
+        off += n;
+    }
+    Ok(out)
 }
