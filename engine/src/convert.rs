@@ -242,8 +242,9 @@ pub fn convert(
     if let Some(e) = err {
         return Err(e);
     }
-    files.flush()?;
+    // Metadata after data, then one sync of everything the cache mode wants synced.
     target.writer.flush()?;
+    files.flush()?;
     if let Some(p) = opts.progress {
         p(total, total);
     }

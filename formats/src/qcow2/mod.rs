@@ -11,6 +11,8 @@ pub mod header;
 mod map;
 mod measure;
 pub mod options;
+mod refcount;
+mod write;
 
 use std::sync::Arc;
 
@@ -83,6 +85,8 @@ pub struct Qcow2Image {
     l2_cache: L2Cache,
     /// which file holds guest data
     data_file: FileId,
+    /// opened read-write
+    write: bool,
 }
 
 /// The feature names of the bits in `bits` (of `kind`), from the image's table, as QEMU
@@ -180,6 +184,7 @@ impl Qcow2Image {
             l1,
             l2_cache,
             data_file,
+            write: opts.write(),
         })
     }
 
@@ -258,8 +263,18 @@ impl Image for Qcow2Image {
     }
 
     fn writer(&self) -> Result<Box<dyn ImageWriter>> {
-        Err(Error::Unsupported(
-            "Writing to qcow2 images is not supported by rimg yet".into(),
-        ))
+        if !self.write {
+            return Err(Error::Unsupported(format!(
+                "'{}' was opened read-only",
+                self.files[0].path()
+            )));
+        }
+        Ok(Box::new(write::Qcow2Writer::new(
+            self.files[0].clone(),
+            self.header.clone(),
+            &self.ext,
+            self.l1.clone(),
+            self.data_file,
+        )?))
     }
 }

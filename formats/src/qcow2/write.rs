@@ -1,0 +1,353 @@
+//! The qcow2 writer: QEMU's two-phase write.
+//!
+//! `allocate` reserves host clusters (append-only, in guest order) and counts them; the
+//! engine writes the data; `commit` publishes the L2 entries in memory. Metadata reaches the
+//! file in dependency order — refcount blocks and table, then L2 tables, then the L1 table,
+//! then the header — so that an interrupted write leaves at most leaked clusters, never a
+//! reference to an uncounted cluster. Dirty L2 tables are written out (in that order) as
+//! they accumulate, to bound memory on large images.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use super::header::{Extensions, Header};
+use super::refcount::Refcounts;
+use crate::driver::{Action, ImageWriter, Placement, Preallocation, Ticket};
+use crate::error::{Error, Result};
+use crate::file::FileLayer;
+use crate::types::{FileId, GuestOff, HostOff};
+
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const COPIED: u64 = 1 << 63;
+const COMPRESSED: u64 = 1 << 62;
+
+/// Dirty L2 tables kept before writing them out.
+const MAX_DIRTY_L2: usize = 32;
+
+struct L2Table {
+    off: u64,
+    /// raw 64-bit words (2 per entry with extended L2)
+    words: Vec<u64>,
+    dirty: bool,
+}
+
+/// Writer of one qcow2 image (owned by the engine's metadata thread).
+pub(super) struct Qcow2Writer {
+    file: Arc<FileLayer>,
+    header: Header,
+    header_dirty: bool,
+    cs: u64,
+    l2_bits: u32,
+    ext_l2: bool,
+    external: bool,
+    data_fid: FileId,
+    l1: Vec<u64>,
+    l1_dirty: bool,
+    l2: BTreeMap<u64, L2Table>,
+    refs: Refcounts,
+    /// guest cluster -> host offset, allocated and not yet committed
+    pending: HashMap<u64, u64>,
+    /// ticket -> guest clusters it published
+    tickets: HashMap<u64, Vec<u64>>,
+    next_ticket: u64,
+}
+
+impl Qcow2Writer {
+    /// A writer for the image whose parsed header is `header` and active L1 is `l1`.
+    pub(super) fn new(
+        file: Arc<FileLayer>,
+        header: Header,
+        _ext: &Extensions,
+        l1: Vec<u64>,
+        data_fid: FileId,
+    ) -> Result<Qcow2Writer> {
+        let cs = header.cluster_size();
+        let refs = Refcounts::load(
+            file.clone(),
+            cs,
+            header.refcount_order,
+            header.refcount_table_offset,
+            header.refcount_table_clusters,
+        )?;
+        Ok(Qcow2Writer {
+            file,
+            cs,
+            l2_bits: header.l2_bits(),
+            ext_l2: header.extended_l2(),
+            external: data_fid != FileId(0),
+            data_fid,
+            header,
+            header_dirty: false,
+            l1,
+            l1_dirty: false,
+            l2: BTreeMap::new(),
+            refs,
+            pending: HashMap::new(),
+            tickets: HashMap::new(),
+            next_ticket: 0,
+        })
+    }
+
+    fn words_per_entry(&self) -> usize {
+        if self.ext_l2 {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// The L2 table of L1 index `l1i`, loading or allocating it.
+    fn l2_table(&mut self, l1i: u64, create: bool) -> Result<Option<&mut L2Table>> {
+        if !self.l2.contains_key(&l1i) {
+            let e = *self.l1.get(l1i as usize).ok_or_else(|| Error::Corrupt {
+                path: self.file.path().to_string(),
+                what: format!("guest offset beyond the L1 table (index {l1i})"),
+            })?;
+            let off = e & OFFSET_MASK;
+            if off == 0 {
+                if !create {
+                    return Ok(None);
+                }
+                let off = self.refs.alloc_cluster()?;
+                self.l1[l1i as usize] = off | COPIED;
+                self.l1_dirty = true;
+                self.l2.insert(
+                    l1i,
+                    L2Table {
+                        off,
+                        words: vec![0; (self.cs / 8) as usize],
+                        dirty: true,
+                    },
+                );
+            } else {
+                if e & COPIED == 0 {
+                    return Err(Error::Unsupported(
+                        "writing to an L2 table shared with a snapshot is not supported by rimg yet"
+                            .into(),
+                    ));
+                }
+                let mut raw = vec![0u8; self.cs as usize];
+                self.file
+                    .read_exact_at(&mut raw, off, &format!("L2 table at {off:#x}"))?;
+                let words = raw
+                    .chunks_exact(8)
+                    .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+                    .collect();
+                self.l2.insert(
+                    l1i,
+                    L2Table {
+                        off,
+                        words,
+                        dirty: false,
+                    },
+                );
+            }
+        }
+        Ok(self.l2.get_mut(&l1i))
+    }
+
+    /// Host offset of guest cluster `gc` if it is allocated (plain data cluster).
+    fn lookup(&mut self, gc: u64) -> Result<Option<u64>> {
+        if let Some(h) = self.pending.get(&gc) {
+            return Ok(Some(*h));
+        }
+        let (l1i, l2i) = (gc >> self.l2_bits, gc & ((1 << self.l2_bits) - 1));
+        let wpe = self.words_per_entry();
+        let external = self.external;
+        let Some(t) = self.l2_table(l1i, false)? else {
+            return Ok(None);
+        };
+        let e = t.words[l2i as usize * wpe];
+        if e & COMPRESSED != 0 {
+            return Err(Error::Unsupported(
+                "overwriting compressed clusters is not supported by rimg yet".into(),
+            ));
+        }
+        let host = e & OFFSET_MASK;
+        if host != 0 || (external && e & COPIED != 0) {
+            if e & COPIED == 0 {
+                return Err(Error::Unsupported(
+                    "writing to clusters shared with a snapshot is not supported by rimg yet"
+                        .into(),
+                ));
+            }
+            return Ok(Some(host));
+        }
+        Ok(None)
+    }
+
+    /// Write dirty metadata in dependency order and drop clean L2 tables from memory.
+    fn write_metadata(&mut self) -> Result<()> {
+        // Every allocated cluster must lie inside the file before anything points at it.
+        let end = self.refs.next_free;
+        if self.file.len()? < end {
+            self.file.set_len(end)?;
+        }
+        self.refs.write_dirty()?;
+        for t in self.l2.values_mut().filter(|t| t.dirty) {
+            let mut raw = Vec::with_capacity(t.words.len() * 8);
+            for w in &t.words {
+                raw.extend_from_slice(&w.to_be_bytes());
+            }
+            self.file
+                .write_all_at(&raw, t.off, &format!("L2 table at {:#x}", t.off))?;
+            t.dirty = false;
+        }
+        if self.l1_dirty {
+            let mut raw = Vec::with_capacity(self.l1.len() * 8);
+            for e in &self.l1 {
+                raw.extend_from_slice(&e.to_be_bytes());
+            }
+            self.file
+                .write_all_at(&raw, self.header.l1_table_offset, "L1 table")?;
+            self.l1_dirty = false;
+        }
+        if self.refs.table_off != self.header.refcount_table_offset {
+            self.header.refcount_table_offset = self.refs.table_off;
+            self.header.refcount_table_clusters = self.refs.table_clusters();
+            self.header_dirty = true;
+        }
+        if self.header_dirty {
+            let fixed = self.header.to_bytes();
+            self.file.write_all_at(&fixed, 0, "qcow2 header")?;
+            self.header_dirty = false;
+        }
+        // Only now may the old refcount table's clusters be freed.
+        let frees = self.refs.take_deferred_frees();
+        if !frees.is_empty() {
+            for c in frees {
+                self.refs.set(c, 0)?;
+            }
+            self.refs.write_dirty()?;
+        }
+        self.l2.retain(|_, t| t.dirty);
+        Ok(())
+    }
+}
+
+impl ImageWriter for Qcow2Writer {
+    fn allocate(&mut self, off: GuestOff, len: u64, out: &mut Vec<Placement>) -> Result<Ticket> {
+        if off.0.checked_add(len).is_none_or(|e| e > self.header.size) {
+            return Err(Error::InvalidArgument(format!(
+                "write of {len} bytes at {off} is past the end of '{}'",
+                self.file.path()
+            )));
+        }
+        let cs = self.cs;
+        let mut pos = off.0;
+        let end = off.0 + len;
+        let mut clusters = Vec::new();
+        while pos < end {
+            let gc = pos / cs;
+            let in_c = pos % cs;
+            let n = (cs - in_c).min(end - pos);
+            let host = match self.lookup(gc)? {
+                Some(h) => h,
+                None => {
+                    let h = if self.external {
+                        gc * cs
+                    } else {
+                        self.refs.alloc_cluster()?
+                    };
+                    self.pending.insert(gc, h);
+                    clusters.push(gc);
+                    h
+                }
+            };
+            let p = Placement {
+                guest: GuestOff(pos),
+                len: n,
+                file: self.data_fid,
+                host: HostOff(host + in_c),
+            };
+            match out.last_mut() {
+                Some(last)
+                    if last.file == p.file
+                        && last.host.plus(last.len) == p.host
+                        && last.guest.plus(last.len) == p.guest =>
+                {
+                    last.len += n
+                }
+                _ => out.push(p),
+            }
+            pos += n;
+        }
+        let t = self.next_ticket;
+        self.next_ticket += 1;
+        self.tickets.insert(t, clusters);
+        Ok(Ticket(t))
+    }
+
+    fn commit(&mut self, tickets: &[Ticket]) -> Result<()> {
+        let wpe = self.words_per_entry();
+        let ext_l2 = self.ext_l2;
+        for t in tickets {
+            let Some(clusters) = self.tickets.remove(&t.0) else {
+                continue;
+            };
+            for gc in clusters {
+                let Some(host) = self.pending.remove(&gc) else {
+                    continue;
+                };
+                let (l1i, l2i) = (gc >> self.l2_bits, gc & ((1 << self.l2_bits) - 1));
+                let table = self
+                    .l2_table(l1i, true)?
+                    .ok_or_else(|| Error::Unsupported("L2 table allocation failed".into()))?;
+                table.words[l2i as usize * wpe] = host | COPIED;
+                if ext_l2 {
+                    // The whole cluster is allocated; unwritten parts of a new cluster read
+                    // as zeros (there is no backing file to show through).
+                    table.words[l2i as usize * wpe + 1] = 0xffff_ffff;
+                }
+                table.dirty = true;
+            }
+        }
+        if self.l2.values().filter(|t| t.dirty).count() > MAX_DIRTY_L2 {
+            self.write_metadata()?;
+        }
+        Ok(())
+    }
+
+    fn zero(
+        &mut self,
+        off: GuestOff,
+        len: u64,
+        _may_unmap: bool,
+        out: &mut Vec<Action>,
+    ) -> Result<()> {
+        // Without a backing file an unallocated cluster already reads as zeros; allocated
+        // ones are zeroed in place (their allocation is kept).
+        let cs = self.cs;
+        let mut pos = off.0;
+        let end = off.0 + len;
+        while pos < end {
+            let gc = pos / cs;
+            let in_c = pos % cs;
+            let n = (cs - in_c).min(end - pos);
+            if let Some(h) = self.lookup(gc)? {
+                out.push(Action::ZeroRange {
+                    file: self.data_fid,
+                    host: HostOff(h + in_c),
+                    len: n,
+                });
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn resize(&mut self, _new_size: u64, _prealloc: Preallocation) -> Result<Vec<Action>> {
+        Err(Error::Unsupported(
+            "resizing qcow2 images is not supported by rimg yet".into(),
+        ))
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.write_metadata()
+    }
+
+    fn close(mut self: Box<Self>) -> Result<()> {
+        // Durability is the caller's cache mode: the engine syncs after `flush`.
+        self.write_metadata()
+    }
+}
