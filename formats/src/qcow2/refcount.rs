@@ -64,7 +64,7 @@ impl Refcounts {
     }
 
     fn per_block(&self) -> u64 {
-        self.cs * 8 >> self.order
+        (self.cs * 8) >> self.order
     }
 
     fn max_value(&self) -> u64 {
@@ -125,18 +125,6 @@ impl Refcounts {
                 *b = (v >> (8 * (n - 1 - k))) as u8;
             }
         }
-    }
-
-    /// The refcount of host cluster `c`.
-    #[cfg_attr(not(test), allow(dead_code))]
-    pub(super) fn get(&mut self, c: u64) -> Result<u64> {
-        let pb = self.per_block();
-        let (ti, i) = (c / pb, c % pb);
-        let order = self.order;
-        Ok(match self.block(ti)? {
-            None => 0,
-            Some((_, raw)) => Self::read_entry(order, raw, i),
-        })
     }
 
     /// Set the refcount of host cluster `c` to `v`, allocating refcount blocks (and growing
@@ -234,6 +222,23 @@ impl Refcounts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entries_read_back() {
+        for order in 0..=6u32 {
+            let mut raw = vec![0u8; 512];
+            let max = if order == 6 {
+                u64::MAX
+            } else {
+                (1u64 << (1 << order)) - 1
+            };
+            Refcounts::write_entry(order, &mut raw, 7, max);
+            Refcounts::write_entry(order, &mut raw, 8, 1);
+            assert_eq!(Refcounts::read_entry(order, &raw, 7), max);
+            assert_eq!(Refcounts::read_entry(order, &raw, 8), 1);
+            assert_eq!(Refcounts::read_entry(order, &raw, 6), 0);
+        }
+    }
 
     #[test]
     fn sub_byte_and_wide_entries() {
