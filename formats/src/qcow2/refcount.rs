@@ -96,6 +96,7 @@ impl Refcounts {
         Ok(self.blocks.get_mut(&ti))
     }
 
+    #[cfg(test)]
     fn read_entry(order: u32, raw: &[u8], i: u64) -> u64 {
         let bits = 1u64 << order;
         if bits < 8 {
