@@ -497,6 +497,7 @@ impl Work for CompareWork {
                 Some(e) => Err(e),
                 None => Ok(self.mismatch),
             },
+            payload: None,
         }
     }
 }

@@ -20,7 +20,8 @@ use rimg_formats::{
 use crate::decompress::{read_compressed, CompressedSrc};
 use crate::files::{CacheMode, FileIdx, JobFiles};
 use crate::io::{Buf, FallocMode, FileSlot, OpKind};
-use crate::shard::{Cx, Outcome, Pool, Step, Work};
+use crate::shard::{Cx, Outcome, Payload, Pool, Step, Work};
+use crate::squeeze::{CompressWork, WriteVecWork};
 use crate::{zero, Engine, Error, Result};
 
 /// A guest range of one source chain to copy.
@@ -63,6 +64,8 @@ pub struct ConvertOptions<'a> {
     pub rate: Option<u64>,
     /// `--salvage`: read errors become zeros instead of failing
     pub salvage: bool,
+    /// `-c`: write every target cluster compressed (formats that support it)
+    pub compress: bool,
     /// called with (bytes done, bytes total) as units complete
     pub progress: Option<&'a (dyn Fn(u64, u64) + Sync)>,
 }
@@ -131,7 +134,28 @@ pub fn convert(
         started: Instant::now(),
         dispatched: 0,
         rate: opts.rate,
+        payloads: VecDeque::new(),
+        cluster_of: HashMap::new(),
+        dst_idx: dst_idx.clone(),
+        target_zero: target.is_zero,
     };
+    // -c: the target's cluster size and codec; units are whole target clusters.
+    let squeeze = if opts.compress {
+        match plan.writer.compression_unit() {
+            Some(u) => Some(u),
+            None => {
+                drop(plan);
+                pool.join();
+                return Err(Error::Format(rimg_formats::Error::Unsupported(
+                    "Compression not supported for this file format".into(),
+                )));
+            }
+        }
+    } else {
+        None
+    };
+    // The cluster being gathered for compression: (start, pieces, has data).
+    let mut gathering: Option<(u64, Vec<(u64, u64, Src)>, bool)> = None;
     let detect = match opts.sparse {
         Some(0) => None,
         other => other,
@@ -202,6 +226,27 @@ pub fn convert(
                     }),
                     _ => Src::Zeros,
                 };
+                if let Some((cs, codec)) = squeeze {
+                    // Split at target cluster boundaries and gather whole clusters.
+                    let mut done = 0;
+                    while done < len {
+                        let t = tgt + done;
+                        let cstart = t / cs * cs;
+                        let n = (cs - t % cs).min(len - done);
+                        if gathering.as_ref().is_some_and(|g| g.0 != cstart) {
+                            let (gs, pieces, data) = gathering.take().expect("checked");
+                            plan.squeeze(gs, cs, pieces, data, codec, opts.salvage);
+                        }
+                        let g = gathering.get_or_insert_with(|| (cstart, Vec::new(), false));
+                        let piece = src.advance(done);
+                        g.2 |= piece != Src::Zeros;
+                        g.1.push((t - cstart, n, piece));
+                        done += n;
+                    }
+                    tgt += len;
+                    plan.process_payloads();
+                    continue;
+                }
                 // Split at target unit boundaries.
                 let mut done = 0;
                 while done < len {
@@ -230,6 +275,9 @@ pub fn convert(
             }
             off += covered;
         }
+    }
+    if let (Some((cs, codec)), Some((gs, pieces, data))) = (squeeze, gathering.take()) {
+        plan.squeeze(gs, cs, pieces, data, codec, opts.salvage);
     }
     plan.drain_all();
     let err = plan.err.take();
@@ -266,6 +314,12 @@ struct Planner<'a, 'w> {
     started: Instant,
     dispatched: u64,
     rate: Option<u64>,
+    /// compress outcomes waiting for space in the target
+    payloads: VecDeque<(u64, u64, Payload)>,
+    /// compress unit id -> guest start of its cluster
+    cluster_of: HashMap<u64, u64>,
+    dst_idx: Vec<FileIdx>,
+    target_zero: bool,
 }
 
 impl Planner<'_, '_> {
@@ -277,6 +331,11 @@ impl Planner<'_, '_> {
 
     fn on_outcome(&mut self, o: Outcome) {
         self.inflight -= 1;
+        if let (Ok(_), Some(p)) = (&o.result, o.payload) {
+            // A compressed cluster: space is reserved, and the write sent, from the main loop.
+            self.payloads.push_back((o.id, o.bytes, p));
+            return;
+        }
         let ticket = self.tickets.remove(&o.id);
         match o.result {
             Ok(salvaged) => {
@@ -312,7 +371,126 @@ impl Planner<'_, '_> {
     }
 
     fn drain_all(&mut self) {
-        self.drain_to(1);
+        loop {
+            self.drain_to(1);
+            if self.payloads.is_empty() {
+                break;
+            }
+            self.process_payloads();
+        }
+    }
+
+    /// Dispatch one compress unit for the cluster at `start` (nothing when it has no data).
+    fn squeeze(
+        &mut self,
+        start: u64,
+        cs: u64,
+        pieces: Vec<(u64, u64, Src)>,
+        has_data: bool,
+        codec: rimg_formats::Codec,
+        salvage: bool,
+    ) {
+        let len: u64 = pieces.iter().map(|p| p.1).sum();
+        let first = pieces.first().map_or(0, |p| p.0);
+        if !has_data {
+            if !self.target_zero {
+                let dst = self.dst_idx.clone();
+                self.zero(&dst, start + first, len);
+            } else {
+                self.done += len;
+            }
+            return;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.cluster_of.insert(id, start);
+        // A cluster is compressed whole: pieces cover it from `first`; anything before
+        // (a source that starts mid-cluster) reads as zeros.
+        let mut full = Vec::with_capacity(pieces.len() + 1);
+        if first > 0 {
+            full.push((0, first, Src::Zeros));
+        }
+        full.extend(pieces);
+        let total: u64 = full.iter().map(|p| p.1).sum();
+        let w = CompressWork::new(id, total, cs, full, codec, salvage);
+        self.dispatch(Box::new(w), None, id, total);
+    }
+
+    /// Reserve target space for finished compress units and send their writes.
+    fn process_payloads(&mut self) {
+        while let Some((id, bytes, p)) = self.payloads.pop_front() {
+            let Some(start) = self.cluster_of.remove(&id) else {
+                continue;
+            };
+            if self.err.is_some() {
+                continue;
+            }
+            let res = match p {
+                Payload::Zero => {
+                    if self.target_zero {
+                        self.done += bytes;
+                        Ok(None)
+                    } else {
+                        let mut actions = Vec::new();
+                        self.writer
+                            .zero(GuestOff(start), bytes, true, &mut actions)
+                            .map(|()| {
+                                let wid = self.next_id;
+                                self.next_id += 1;
+                                Some((
+                                    Box::new(ActionWork::new(wid, bytes, &actions, &self.dst_idx))
+                                        as Box<dyn Work>,
+                                    None,
+                                    wid,
+                                ))
+                            })
+                    }
+                }
+                Payload::Compressed(v) => self
+                    .writer
+                    .allocate_compressed(GuestOff(start), v.len() as u64)
+                    .map(|(pl, t)| {
+                        let wid = self.next_id;
+                        self.next_id += 1;
+                        let tgt = vec![(self.dst_idx[pl.file.0 as usize], pl.host.0, 0, v.len())];
+                        Some((
+                            Box::new(WriteVecWork::new(wid, bytes, v, tgt)) as Box<dyn Work>,
+                            Some(t),
+                            wid,
+                        ))
+                    }),
+                Payload::Raw(v) => {
+                    let mut pls = Vec::new();
+                    self.writer
+                        .allocate(GuestOff(start), bytes, &mut pls)
+                        .map(|t| {
+                            let wid = self.next_id;
+                            self.next_id += 1;
+                            let tgt = pls
+                                .iter()
+                                .map(|p| {
+                                    (
+                                        self.dst_idx[p.file.0 as usize],
+                                        p.host.0,
+                                        (p.guest.0 - start) as usize,
+                                        p.len as usize,
+                                    )
+                                })
+                                .collect();
+                            Some((
+                                Box::new(WriteVecWork::new(wid, bytes, v, tgt)) as Box<dyn Work>,
+                                Some(t),
+                                wid,
+                            ))
+                        })
+                }
+            };
+            match res {
+                Ok(Some((w, t, wid))) => self.dispatch(w, t, wid, 0),
+                Ok(None) => {}
+                Err(e) => self.fail(e.into()),
+            }
+        }
     }
 
     fn throttle(&mut self, n: u64) {
@@ -397,7 +575,7 @@ impl Planner<'_, '_> {
 
 /// Where a unit's bytes come from.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Src {
+pub(crate) enum Src {
     /// nothing to read: zeros
     Zeros,
     /// verbatim at (file, host offset)
@@ -408,7 +586,7 @@ enum Src {
 
 impl Src {
     /// The source `n` guest bytes further on.
-    fn advance(self, n: u64) -> Src {
+    pub(crate) fn advance(self, n: u64) -> Src {
         match self {
             Src::Zeros => Src::Zeros,
             Src::Data(f, h) => Src::Data(f, h + n),
@@ -798,6 +976,7 @@ impl Work for CopyWork {
                 Some(e) => Err(e),
                 None => Ok(Some(self.salvaged)),
             },
+            payload: None,
         }
     }
 }

@@ -13,11 +13,13 @@
 
 pub mod actions;
 pub mod compare;
+mod compress;
 pub mod convert;
 mod decompress;
 mod files;
 pub mod io;
 mod shard;
+mod squeeze;
 mod zero;
 
 use std::sync::Mutex;

@@ -25,6 +25,19 @@ pub(crate) struct Outcome {
     pub bytes: u64,
     /// `Ok(Some(off))`: a compare unit found a mismatch at guest offset `off`
     pub result: Result<Option<u64>>,
+    /// bytes a unit produced for the planner (a compressed cluster)
+    pub payload: Option<Payload>,
+}
+
+/// What a compress unit hands back to the planner.
+#[derive(Debug)]
+pub(crate) enum Payload {
+    /// the cluster reads as zeros: nothing to write
+    Zero,
+    /// compressed bytes
+    Compressed(Vec<u8>),
+    /// the cluster did not compress: its bytes as they are
+    Raw(Vec<u8>),
 }
 
 /// Whether a unit has finished.

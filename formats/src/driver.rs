@@ -151,6 +151,10 @@ pub trait FormatDriver: Sync {
     /// The options `create`, `measure` and `amend` accept for this format, in the order
     /// qemu-img prints them in the `Formatting` line.
     fn create_options(&self) -> &'static [OptionDesc];
+    /// Whether `convert -c` can write this format compressed.
+    fn supports_compression(&self) -> bool {
+        false
+    }
     /// Options of the protocol layer under this format (`file`), accepted by `create` too.
     fn protocol_options(&self) -> &'static [OptionDesc] {
         crate::file::FILE_OPTIONS
@@ -259,6 +263,19 @@ pub trait ImageWriter: Send {
     /// Reserve host space for guest bytes `[off, off+len)` and append where the engine must
     /// write them to `out`. No data I/O; no metadata is published yet.
     fn allocate(&mut self, off: GuestOff, len: u64, out: &mut Vec<Placement>) -> Result<Ticket>;
+    /// Reserve `clen` bytes for the compressed form of the guest cluster at `off` (cluster
+    /// aligned). The engine writes the compressed bytes at the returned placement's host
+    /// offset (`len` = `clen`), then commits the ticket. Formats without compression refuse.
+    fn allocate_compressed(&mut self, off: GuestOff, clen: u64) -> Result<(Placement, Ticket)> {
+        let _ = (off, clen);
+        Err(crate::error::Error::Unsupported(
+            "Compression not supported for this file format".into(),
+        ))
+    }
+    /// The cluster size compressed writes work in (`None`: no compression).
+    fn compression_unit(&self) -> Option<(u64, crate::extent::Codec)> {
+        None
+    }
     /// Publish the metadata of allocations whose data writes have all completed.
     fn commit(&mut self, tickets: &[Ticket]) -> Result<()>;
     /// Make guest bytes `[off, off+len)` read as zeros. Appends host actions the engine must

@@ -178,7 +178,7 @@ pub fn run(args: &[String]) -> Result<i32> {
     if no_create && !topts.is_empty() {
         bail!("-o has no effect when skipping image creation");
     }
-    if o.has("c") {
+    if o.has("c") && !driver.supports_compression() {
         bail!("Compression not supported for this file format");
     }
     if o.has("backing") {
@@ -305,6 +305,7 @@ pub fn run(args: &[String]) -> Result<i32> {
             parallel,
             rate,
             salvage: o.has("salvage"),
+            compress: o.has("c"),
             progress: Some(&cb),
         },
     );

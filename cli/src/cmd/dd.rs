@@ -158,6 +158,7 @@ pub fn run(args: &[String]) -> Result<i32> {
             parallel: 8,
             rate: None,
             salvage: false,
+            compress: false,
             progress: None,
         },
     )

@@ -59,6 +59,10 @@ impl FormatDriver for Qcow2Driver {
         options::QCOW2_OPTIONS
     }
 
+    fn supports_compression(&self) -> bool {
+        true
+    }
+
     fn create(&self, spec: &CreateSpec) -> Result<Vec<Action>> {
         create::create(spec)
     }

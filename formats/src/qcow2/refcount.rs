@@ -96,7 +96,6 @@ impl Refcounts {
         Ok(self.blocks.get_mut(&ti))
     }
 
-    #[cfg(test)]
     fn read_entry(order: u32, raw: &[u8], i: u64) -> u64 {
         let bits = 1u64 << order;
         if bits < 8 {
@@ -158,6 +157,18 @@ impl Refcounts {
         }
         self.dirty_blocks.insert(ti);
         Ok(())
+    }
+
+    /// Add one reference to host cluster `c`.
+    pub(super) fn inc(&mut self, c: u64) -> Result<()> {
+        let pb = self.per_block();
+        let (ti, i) = (c / pb, c % pb);
+        let order = self.order;
+        let cur = match self.block(ti)? {
+            None => 0,
+            Some((_, raw)) => Self::read_entry(order, raw, i),
+        };
+        self.set(c, cur + 1)
     }
 
     /// Take the next free cluster and count it.

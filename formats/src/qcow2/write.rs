@@ -49,6 +49,11 @@ pub(super) struct Qcow2Writer {
     pending: HashMap<u64, u64>,
     /// ticket -> guest clusters it published
     tickets: HashMap<u64, Vec<u64>>,
+    /// ticket -> (guest cluster, compressed L2 descriptor)
+    compressed: HashMap<u64, (u64, u64)>,
+    /// next free byte for compressed data, inside the last cluster taken for it
+    byte_cursor: Option<u64>,
+    codec: crate::extent::Codec,
     next_ticket: u64,
 }
 
@@ -69,6 +74,11 @@ impl Qcow2Writer {
             header.refcount_table_offset,
             header.refcount_table_clusters,
         )?;
+        let codec = if header.compression_type == 1 {
+            crate::extent::Codec::Zstd
+        } else {
+            crate::extent::Codec::Zlib
+        };
         Ok(Qcow2Writer {
             file,
             cs,
@@ -84,6 +94,9 @@ impl Qcow2Writer {
             refs,
             pending: HashMap::new(),
             tickets: HashMap::new(),
+            compressed: HashMap::new(),
+            byte_cursor: None,
+            codec,
             next_ticket: 0,
         })
     }
@@ -225,7 +238,75 @@ impl Qcow2Writer {
     }
 }
 
+impl Qcow2Writer {
+    /// Reserve `len` bytes for compressed data, packed after the previous compressed
+    /// cluster; a host cluster is counted once per compressed cluster touching it.
+    fn alloc_bytes(&mut self, len: u64) -> Result<u64> {
+        let cs = self.cs;
+        if let Some(cur) = self.byte_cursor.filter(|c| !c.is_multiple_of(cs)) {
+            let cluster_end = (cur / cs + 1) * cs;
+            let fits = cur + len <= cluster_end;
+            // Spilling into following clusters needs them to be the next free ones.
+            let spill_ok = cluster_end == self.refs.next_free;
+            if cur < cluster_end && (fits || spill_ok) {
+                self.refs.inc(cur / cs)?;
+                let mut c = cluster_end;
+                while c < cur + len {
+                    let got = self.refs.alloc_cluster()?;
+                    debug_assert_eq!(got, c);
+                    c += cs;
+                }
+                self.byte_cursor = Some(cur + len);
+                return Ok(cur);
+            }
+        }
+        let start = self.refs.alloc_cluster()?;
+        let mut c = start + cs;
+        while c < start + len {
+            self.refs.alloc_cluster()?;
+            c += cs;
+        }
+        self.byte_cursor = Some(start + len);
+        Ok(start)
+    }
+}
+
 impl ImageWriter for Qcow2Writer {
+    fn compression_unit(&self) -> Option<(u64, crate::extent::Codec)> {
+        (!self.external).then_some((self.cs, self.codec))
+    }
+
+    fn allocate_compressed(&mut self, off: GuestOff, clen: u64) -> Result<(Placement, Ticket)> {
+        if self.external {
+            return Err(Error::Unsupported(
+                "Compression is not supported with an external data file".into(),
+            ));
+        }
+        if !off.0.is_multiple_of(self.cs) || clen == 0 || clen > self.cs {
+            return Err(Error::InvalidArgument(format!(
+                "bad compressed write: {clen} bytes for {off}"
+            )));
+        }
+        let cb = self.header.cluster_bits;
+        let host = self.alloc_bytes(clen)?;
+        // Sectors spanned, minus one, in the bits above the offset field.
+        let x = 62 - (cb - 8);
+        let sectors = (host + clen - 1) / 512 - host / 512 + 1;
+        let desc = COMPRESSED | ((sectors - 1) << x) | host;
+        let t = self.next_ticket;
+        self.next_ticket += 1;
+        self.compressed.insert(t, (off.0 / self.cs, desc));
+        Ok((
+            Placement {
+                guest: off,
+                len: clen,
+                file: self.data_fid,
+                host: HostOff(host),
+            },
+            Ticket(t),
+        ))
+    }
+
     fn allocate(&mut self, off: GuestOff, len: u64, out: &mut Vec<Placement>) -> Result<Ticket> {
         if off.0.checked_add(len).is_none_or(|e| e > self.header.size) {
             return Err(Error::InvalidArgument(format!(
@@ -282,6 +363,21 @@ impl ImageWriter for Qcow2Writer {
         let wpe = self.words_per_entry();
         let ext_l2 = self.ext_l2;
         for t in tickets {
+            if let Some((gc, desc)) = self.compressed.remove(&t.0) {
+                let (l1i, l2i) = (gc >> self.l2_bits, gc & ((1 << self.l2_bits) - 1));
+                let table = self
+                    .l2_table(l1i, true)?
+                    .ok_or_else(|| Error::Unsupported("L2 table allocation failed".into()))?;
+                if table.words[l2i as usize * wpe] != 0 {
+                    return Err(Error::Unsupported(
+                        "compressed writes over allocated clusters are not supported by rimg yet"
+                            .into(),
+                    ));
+                }
+                table.words[l2i as usize * wpe] = desc;
+                table.dirty = true;
+                continue;
+            }
             let Some(clusters) = self.tickets.remove(&t.0) else {
                 continue;
             };
