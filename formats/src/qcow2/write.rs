@@ -20,6 +20,8 @@ use crate::types::{FileId, GuestOff, HostOff};
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const COPIED: u64 = 1 << 63;
 const COMPRESSED: u64 = 1 << 62;
+/// Standard descriptor bit 0: the cluster reads as zeros.
+const ZERO_FLAG: u64 = 1;
 
 /// Dirty L2 tables kept before writing them out.
 const MAX_DIRTY_L2: usize = 32;
@@ -271,6 +273,45 @@ impl Qcow2Writer {
     }
 }
 
+impl Qcow2Writer {
+    /// Mark `[in_c, in_c+n)` of unallocated guest cluster `gc` as reading zeros.
+    fn set_zero_flag(&mut self, gc: u64, in_c: u64, n: u64) -> Result<()> {
+        let (l1i, l2i) = (gc >> self.l2_bits, gc & ((1 << self.l2_bits) - 1));
+        let (ext_l2, v3, cs) = (self.ext_l2, self.header.version >= 3, self.cs);
+        let wpe = self.words_per_entry();
+        let unsupported = || {
+            Error::Unsupported(
+                "zeroing part of an unallocated cluster over a backing file is not supported by rimg yet"
+                    .into(),
+            )
+        };
+        if !v3 {
+            return Err(unsupported());
+        }
+        let table = self
+            .l2_table(l1i, true)?
+            .ok_or_else(|| Error::Unsupported("L2 table allocation failed".into()))?;
+        if ext_l2 {
+            let sc = cs / 32;
+            if in_c % sc != 0 || n % sc != 0 {
+                return Err(unsupported());
+            }
+            let mut bits = 0u64;
+            for i in in_c / sc..(in_c + n) / sc {
+                bits |= 1 << (32 + i);
+            }
+            table.words[l2i as usize * wpe + 1] |= bits;
+        } else {
+            if in_c != 0 || n != cs {
+                return Err(unsupported());
+            }
+            table.words[l2i as usize * wpe] = ZERO_FLAG;
+        }
+        table.dirty = true;
+        Ok(())
+    }
+}
+
 impl ImageWriter for Qcow2Writer {
     fn compression_unit(&self) -> Option<(u64, crate::extent::Codec)> {
         (!self.external).then_some((self.cs, self.codec))
@@ -411,9 +452,11 @@ impl ImageWriter for Qcow2Writer {
         _may_unmap: bool,
         out: &mut Vec<Action>,
     ) -> Result<()> {
-        // Without a backing file an unallocated cluster already reads as zeros; allocated
-        // ones are zeroed in place (their allocation is kept).
+        // Allocated clusters are zeroed in place (their allocation is kept). Without a
+        // backing file an unallocated cluster already reads as zeros; with one, whole
+        // clusters get the zero flag (v3) so the backing file does not show through.
         let cs = self.cs;
+        let backed = self.header.backing_file_offset != 0;
         let mut pos = off.0;
         let end = off.0 + len;
         while pos < end {
@@ -426,6 +469,8 @@ impl ImageWriter for Qcow2Writer {
                     host: HostOff(h + in_c),
                     len: n,
                 });
+            } else if backed {
+                self.set_zero_flag(gc, in_c, n)?;
             }
             pos += n;
         }
