@@ -54,6 +54,8 @@ pub struct ImageSpec {
     pub format: Option<String>,
     /// `file.locking=off`
     pub no_lock: bool,
+    /// internal snapshot to read (`-l`)
+    pub snapshot: Option<String>,
 }
 
 impl ImageSpec {
@@ -71,6 +73,7 @@ impl ImageSpec {
                 path: arg.to_string(),
                 format: format.map(str::to_string),
                 no_lock: false,
+                snapshot: None,
             });
         }
         let mut m = OptionMap::parse(arg);
@@ -105,6 +108,7 @@ impl ImageSpec {
             access,
             force_share,
             no_lock: self.no_lock,
+            snapshot: self.snapshot.clone(),
         };
         let chain = Chain::open(&self.path, self.format.as_deref(), &opts)
             .map_err(|e| anyhow!(open_message(&self.path, e)))?;

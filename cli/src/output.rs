@@ -185,3 +185,70 @@ mod tests {
         );
     }
 }
+
+/// The `Snapshot list:` table of `info` and `snapshot -l`, as qemu-img prints it (dates in
+/// local time).
+pub fn snapshot_table(snaps: &[rimg_formats::SnapshotInfo]) -> String {
+    let mut s = String::from("Snapshot list:\n");
+    s.push_str(&format!(
+        "{:<7} {:<16} {:>8}{:>20}{:>16}{:>11}\n",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    ));
+    for sn in snaps {
+        let date = chrono::DateTime::from_timestamp(i64::from(sn.date_sec), 0)
+            .map(|d| {
+                d.with_timezone(&chrono::Local)
+                    .format("%Y-%m-%d %H:%M:%S")
+                    .to_string()
+            })
+            .unwrap_or_default();
+        let ms = sn.vm_clock_nsec / 1_000_000;
+        let clock = format!(
+            "{:04}:{:02}:{:02}.{:03}",
+            ms / 3_600_000,
+            (ms / 60_000) % 60,
+            (ms / 1000) % 60,
+            ms % 1000
+        );
+        let icount = sn.icount.map(|i| i.to_string()).unwrap_or_default();
+        s.push_str(&format!(
+            "{:<7} {:<16} {:>8}{:>20}{:>16}{:>11}\n",
+            sn.id,
+            sn.name,
+            size_to_str(sn.vm_state_size),
+            date,
+            clock,
+            icount
+        ));
+    }
+    s
+}
+
+/// `snapshots` of `info --output=json` (QAPI `SnapshotInfo`, QEMU's key order).
+pub fn snapshots_json(snaps: &[rimg_formats::SnapshotInfo]) -> Value {
+    Value::Array(
+        snaps
+            .iter()
+            .map(|sn| {
+                let mut m = serde_json::Map::new();
+                if let Some(i) = sn.icount {
+                    m.insert("icount".into(), i.into());
+                }
+                m.insert(
+                    "vm-clock-nsec".into(),
+                    (sn.vm_clock_nsec % 1_000_000_000).into(),
+                );
+                m.insert("name".into(), sn.name.clone().into());
+                m.insert("date-sec".into(), sn.date_sec.into());
+                m.insert("date-nsec".into(), sn.date_nsec.into());
+                m.insert(
+                    "vm-clock-sec".into(),
+                    (sn.vm_clock_nsec / 1_000_000_000).into(),
+                );
+                m.insert("id".into(), sn.id.clone().into());
+                m.insert("vm-state-size".into(), sn.vm_state_size.into());
+                Value::Object(m)
+            })
+            .collect(),
+    )
+}

@@ -101,6 +101,7 @@ impl Chain {
                 access: Access::Read,
                 force_share: opts.force_share,
                 no_lock: opts.no_lock,
+                snapshot: None,
             };
             let (image, probed) = open_image(&resolved, backing.format.as_deref(), &bopts)
                 .map_err(|e| {

@@ -36,6 +36,31 @@ pub enum Access {
     Resize,
 }
 
+/// An internal snapshot (`info`'s snapshot list, `convert -l`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// unique id string
+    pub id: String,
+    /// name (tag)
+    pub name: String,
+    /// saved VM state size in bytes
+    pub vm_state_size: u64,
+    /// creation time, seconds since the epoch
+    pub date_sec: u32,
+    /// creation time, nanoseconds part
+    pub date_nsec: u32,
+    /// guest clock at the snapshot, nanoseconds
+    pub vm_clock_nsec: u64,
+    /// instruction count, when recorded
+    pub icount: Option<u64>,
+    /// virtual disk size at the snapshot
+    pub disk_size: u64,
+    /// host offset of its L1 table
+    pub l1_offset: u64,
+    /// entries in its L1 table
+    pub l1_size: u32,
+}
+
 /// How an image is to be opened.
 #[derive(Clone, Debug, Default)]
 pub struct OpenOptions {
@@ -45,6 +70,8 @@ pub struct OpenOptions {
     pub force_share: bool,
     /// do not take image locks at all (`file.locking=off`)
     pub no_lock: bool,
+    /// read this internal snapshot instead of the active image (`convert -l`); read-only
+    pub snapshot: Option<String>,
 }
 
 impl OpenOptions {
@@ -200,6 +227,10 @@ pub trait Image: Send + Sync {
     /// The `format-specific` data of `info --output=json` (`None` when qemu prints none).
     fn format_specific(&self) -> Option<serde_json::Value> {
         None
+    }
+    /// The internal snapshots, in table order.
+    fn snapshots(&self) -> Vec<SnapshotInfo> {
+        Vec::new()
     }
     /// Whether the image's dirty flag is set (`dirty-flag` in `info`).
     fn dirty(&self) -> bool {

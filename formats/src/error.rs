@@ -94,6 +94,9 @@ pub enum Error {
     /// A bad backing chain.
     #[error("{0}")]
     Chain(String),
+    /// An internal snapshot could not be loaded (`Failed to load snapshot: ...`).
+    #[error("Failed to load snapshot: {0}")]
+    Snapshot(String),
 }
 
 impl Error {
@@ -107,6 +110,7 @@ impl Error {
             Error::Unsupported(_) => ErrorKind::Unsupported,
             Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
             Error::Chain(_) => ErrorKind::Chain,
+            Error::Snapshot(_) => ErrorKind::InvalidArgument,
         }
     }
 

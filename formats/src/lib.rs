@@ -33,7 +33,7 @@ pub mod types;
 pub use chain::{Chain, ChainExtent};
 pub use driver::{
     Access, Action, BackingRef, CreateSpec, FormatDriver, Image, ImageWriter, OpenOptions,
-    Placement, Preallocation, Ticket,
+    Placement, Preallocation, SnapshotInfo, Ticket,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use extent::{Codec, Extent};

@@ -93,6 +93,12 @@ impl FormatDriver for RawDriver {
     }
 
     fn open(&self, file: Arc<FileLayer>, opts: &OpenOptions) -> Result<Box<dyn Image>> {
+        if opts.snapshot.is_some() {
+            return Err(Error::Snapshot(
+                "Block format 'raw' used by device '' does not support temporarily loading internal snapshots"
+                    .into(),
+            ));
+        }
         let len = file.len()?;
         let size = len.div_ceil(SECTOR) * SECTOR;
         Ok(Box::new(RawImage {

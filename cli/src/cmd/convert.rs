@@ -202,17 +202,12 @@ pub fn run(args: &[String]) -> Result<i32> {
     let share = o.has("force-share");
     let mut chains: Vec<Chain> = Vec::new();
     for s in srcs {
-        let spec = ImageSpec::resolve(s, o.get("source-format"), image_opts)?;
+        let mut spec = ImageSpec::resolve(s, o.get("source-format"), image_opts)?;
+        spec.snapshot = o.get("snapshot").map(str::to_string);
         chains.push(spec.open_chain(Access::ReadUnshared, share)?);
     }
-    if let Some(c) = chains.first() {
-        let f = c.top().format();
-        if o.has("snapshot") {
-            bail!("Failed to load snapshot: Block format '{f}' used by device '' does not support temporarily loading internal snapshots");
-        }
-        if o.has("bitmaps") {
-            bail!("Source lacks bitmap support");
-        }
+    if o.has("bitmaps") && !chains.is_empty() {
+        bail!("Source lacks bitmap support");
     }
     let total: u64 = chains.iter().map(Chain::virtual_size).sum();
 
@@ -227,6 +222,7 @@ pub fn run(args: &[String]) -> Result<i32> {
             path: tgt.clone(),
             format: Some(fmt.to_string()),
             no_lock: false,
+            snapshot: None,
         }
     };
     if !no_create {
@@ -258,6 +254,7 @@ pub fn run(args: &[String]) -> Result<i32> {
             access: Access::Write,
             force_share: false,
             no_lock: tspec.no_lock,
+            snapshot: None,
         },
     )
     .map_err(|e| anyhow!(open_message(&tspec.path, e)))?;

@@ -124,6 +124,10 @@ pub fn layer_json(l: &Layer) -> Value {
         "children".into(),
         json!([{"name": "file", "info": Value::Object(child)}]),
     );
+    let snaps = l.image.snapshots();
+    if !snaps.is_empty() {
+        m.insert("snapshots".into(), crate::output::snapshots_json(&snaps));
+    }
     if let Some((_, _, Some(fmt))) = &backing {
         m.insert("backing-filename-format".into(), json!(fmt));
     }
@@ -169,6 +173,10 @@ fn layer_human(l: &Layer) -> String {
         if let Some(f) = fmt {
             s.push_str(&format!("backing file format: {f}\n"));
         }
+    }
+    let snaps = l.image.snapshots();
+    if !snaps.is_empty() {
+        s.push_str(&crate::output::snapshot_table(&snaps));
     }
     if let Some(Value::Object(fs)) = l.image.format_specific() {
         if let Some(data) = fs.get("data") {

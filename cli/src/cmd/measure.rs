@@ -85,14 +85,9 @@ pub fn run(args: &[String]) -> Result<i32> {
     let (size, allocated) = match (file, size_arg) {
         (None, Some(s)) => (super::create::parse_num("image size", s)?, None),
         (Some(f), _) => {
-            let spec = ImageSpec::resolve(f, o.get("format"), o.has("image-opts"))?;
+            let mut spec = ImageSpec::resolve(f, o.get("format"), o.has("image-opts"))?;
+            spec.snapshot = o.get("snapshot").map(str::to_string);
             let chain = spec.open_chain(Access::Read, o.has("force-share"))?;
-            if o.has("snapshot") {
-                bail!(
-                    "Failed to load snapshot: Block format '{}' used by device '' does not support temporarily loading internal snapshots",
-                    chain.top().format()
-                );
-            }
             let size = chain.virtual_size();
             (size, Some(data_ranges(&chain)?))
         }

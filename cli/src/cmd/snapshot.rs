@@ -82,7 +82,11 @@ pub fn run_snapshot(args: &[String]) -> Result<i32> {
         o.has("force-share"),
     )?;
     if listing {
-        // A raw image has no snapshots: qemu-img prints nothing.
+        // Nothing at all when there are no snapshots (a raw image), as qemu-img.
+        let snaps = chain.top().snapshots();
+        if !snaps.is_empty() {
+            print!("{}", crate::output::snapshot_table(&snaps));
+        }
         return Ok(0);
     }
     let _ = chain;

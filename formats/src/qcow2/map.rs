@@ -81,7 +81,7 @@ impl L2Cache {
 /// Map `[off, off+len)` (clipped to the virtual size and to the current L2 table).
 pub(super) fn map(img: &Qcow2Image, off: GuestOff, len: u64, out: &mut Vec<Extent>) -> Result<u64> {
     let h = &img.header;
-    let size = h.size;
+    let size = img.size;
     if off.0 >= size || len == 0 {
         return Ok(0);
     }

@@ -12,6 +12,7 @@ mod map;
 mod measure;
 pub mod options;
 mod refcount;
+mod snapshot;
 mod write;
 
 use std::sync::Arc;
@@ -91,6 +92,9 @@ pub struct Qcow2Image {
     data_file: FileId,
     /// opened read-write
     write: bool,
+    snapshots: Vec<crate::driver::SnapshotInfo>,
+    /// virtual size as seen (a snapshot's own size when reading one)
+    size: u64,
 }
 
 /// The feature names of the bits in `bits` (of `kind`), from the image's table, as QEMU
@@ -158,9 +162,23 @@ impl Qcow2Image {
         } else {
             None
         };
-        // The active L1 table.
-        let mut raw_l1 = vec![0u8; header.l1_size as usize * 8];
-        file.read_exact_at(&mut raw_l1, header.l1_table_offset, "L1 table")?;
+        let snapshots = snapshot::read_table(&file, &header)?;
+        // The active L1 table, or the chosen snapshot's.
+        let (l1_off, l1_size, size) = match &opts.snapshot {
+            None => (header.l1_table_offset, header.l1_size, header.size),
+            Some(sel) => {
+                if opts.write() {
+                    return Err(Error::Unsupported(
+                        "a snapshot can only be opened read-only".into(),
+                    ));
+                }
+                let s = snapshot::select(&snapshots, sel)
+                    .ok_or_else(|| Error::Snapshot("Can't find snapshot".into()))?;
+                (s.l1_offset, s.l1_size, s.disk_size)
+            }
+        };
+        let mut raw_l1 = vec![0u8; l1_size as usize * 8];
+        file.read_exact_at(&mut raw_l1, l1_off, "L1 table")?;
         let l1: Vec<u64> = raw_l1
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
@@ -189,6 +207,8 @@ impl Qcow2Image {
             l2_cache,
             data_file,
             write: opts.write(),
+            snapshots,
+            size,
         })
     }
 
@@ -204,7 +224,11 @@ impl Image for Qcow2Image {
     }
 
     fn virtual_size(&self) -> u64 {
-        self.header.size
+        self.size
+    }
+
+    fn snapshots(&self) -> Vec<crate::driver::SnapshotInfo> {
+        self.snapshots.clone()
     }
 
     fn files(&self) -> &[Arc<FileLayer>] {
