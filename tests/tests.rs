@@ -20,5 +20,6 @@ mod locking;
 mod map;
 mod measure;
 mod prop_map;
+mod qcow2_read;
 mod quiet_stderr;
 mod resize;

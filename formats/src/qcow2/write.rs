@@ -293,7 +293,7 @@ impl Qcow2Writer {
             .ok_or_else(|| Error::Unsupported("L2 table allocation failed".into()))?;
         if ext_l2 {
             let sc = cs / 32;
-            if in_c % sc != 0 || n % sc != 0 {
+            if !in_c.is_multiple_of(sc) || !n.is_multiple_of(sc) {
                 return Err(unsupported());
             }
             let mut bits = 0u64;
