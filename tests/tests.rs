@@ -21,5 +21,6 @@ mod map;
 mod measure;
 mod prop_map;
 mod qcow2_read;
+mod qcow2_write;
 mod quiet_stderr;
 mod resize;

@@ -159,6 +159,18 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Whether host cluster `c` can take one more reference (narrow refcounts saturate).
+    pub(super) fn can_inc(&mut self, c: u64) -> Result<bool> {
+        let pb = self.per_block();
+        let (ti, i) = (c / pb, c % pb);
+        let order = self.order;
+        let max = self.max_value();
+        Ok(match self.block(ti)? {
+            None => true,
+            Some((_, raw)) => Self::read_entry(order, raw, i) < max,
+        })
+    }
+
     /// Add one reference to host cluster `c`.
     pub(super) fn inc(&mut self, c: u64) -> Result<()> {
         let pb = self.per_block();

@@ -250,7 +250,7 @@ impl Qcow2Writer {
             let fits = cur + len <= cluster_end;
             // Spilling into following clusters needs them to be the next free ones.
             let spill_ok = cluster_end == self.refs.next_free;
-            if cur < cluster_end && (fits || spill_ok) {
+            if cur < cluster_end && (fits || spill_ok) && self.refs.can_inc(cur / cs)? {
                 self.refs.inc(cur / cs)?;
                 let mut c = cluster_end;
                 while c < cur + len {
