@@ -171,6 +171,18 @@ impl Refcounts {
         })
     }
 
+    /// Drop one reference to host cluster `c` (saturating at 0).
+    pub(super) fn dec(&mut self, c: u64) -> Result<()> {
+        let pb = self.per_block();
+        let (ti, i) = (c / pb, c % pb);
+        let order = self.order;
+        let cur = match self.block(ti)? {
+            None => 0,
+            Some((_, raw)) => Self::read_entry(order, raw, i),
+        };
+        self.set(c, cur.saturating_sub(1))
+    }
+
     /// Add one reference to host cluster `c`.
     pub(super) fn inc(&mut self, c: u64) -> Result<()> {
         let pb = self.per_block();

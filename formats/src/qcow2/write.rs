@@ -312,6 +312,101 @@ impl Qcow2Writer {
     }
 }
 
+impl Qcow2Writer {
+    /// Make the L1 table cover `new_size`, relocating it to the end of the file if it must
+    /// grow. The old table is freed after the header points at the new one.
+    fn grow_l1(&mut self, new_size: u64) -> Result<()> {
+        let span = self.cs << self.l2_bits;
+        let need = new_size.div_ceil(span) as usize;
+        if need <= self.l1.len() {
+            return Ok(());
+        }
+        if need as u64 * 8 > 32 << 20 {
+            return Err(Error::InvalidArgument("File too large".into()));
+        }
+        let old_off = self.header.l1_table_offset;
+        let old_clusters = (self.l1.len() as u64 * 8).div_ceil(self.cs);
+        let clusters = (need as u64 * 8).div_ceil(self.cs);
+        let new_off = self.refs.next_free;
+        for _ in 0..clusters {
+            self.refs.alloc_cluster()?;
+        }
+        self.l1.resize(need, 0);
+        self.l1_dirty = true;
+        // Order: new table (refcounts, contents) -> header -> free the old one.
+        self.header.l1_table_offset = new_off;
+        self.header.l1_size = need as u32;
+        self.header_dirty = true;
+        self.write_metadata()?;
+        if old_clusters > 0 && old_off != 0 {
+            for k in 0..old_clusters {
+                self.refs.dec(old_off / self.cs + k)?;
+            }
+            self.refs.write_dirty()?;
+        }
+        Ok(())
+    }
+
+    /// Drop every cluster beyond `new_size`: L2 entries first (written), then refcounts.
+    fn shrink(&mut self, new_size: u64) -> Result<()> {
+        let cs = self.cs;
+        let per_table = 1u64 << self.l2_bits;
+        let wpe = self.words_per_entry();
+        let first_gc = new_size.div_ceil(cs);
+        let end_gc = self.header.size.div_ceil(cs);
+        let cb = self.header.cluster_bits;
+        let external = self.external;
+        let mut freed: Vec<u64> = Vec::new();
+        let mut gc = first_gc;
+        while gc < end_gc {
+            let l1i = gc / per_table;
+            let table_end = ((l1i + 1) * per_table).min(end_gc);
+            if let Some(t) = self.l2_table(l1i, false)? {
+                for g in gc..table_end {
+                    let i = (g % per_table) as usize * wpe;
+                    let e = t.words[i];
+                    if e & COMPRESSED != 0 {
+                        let x = 62 - (cb - 8);
+                        let host = e & ((1u64 << x) - 1);
+                        let sectors = ((e >> x) & ((1u64 << (cb - 8)) - 1)) + 1;
+                        let last = (host & !511) + sectors * 512 - 1;
+                        for c in host / cs..=last / cs {
+                            freed.push(c);
+                        }
+                    } else if e & OFFSET_MASK != 0 && !external {
+                        freed.push((e & OFFSET_MASK) / cs);
+                    }
+                    t.words[i] = 0;
+                    if wpe == 2 {
+                        t.words[i + 1] = 0;
+                    }
+                }
+                t.dirty = true;
+            }
+            // A table wholly beyond the new end goes too.
+            if l1i * per_table >= first_gc {
+                let off = self.l1[l1i as usize] & OFFSET_MASK;
+                if off != 0 {
+                    freed.push(off / cs);
+                    self.l1[l1i as usize] = 0;
+                    self.l1_dirty = true;
+                    self.l2.remove(&l1i);
+                }
+            }
+            gc = table_end;
+        }
+        // Publish the unmapping before the refcounts drop (a crash leaves leaks only).
+        self.header.size = new_size;
+        self.header_dirty = true;
+        self.write_metadata()?;
+        for c in freed {
+            self.refs.dec(c)?;
+        }
+        self.refs.write_dirty()?;
+        Ok(())
+    }
+}
+
 impl ImageWriter for Qcow2Writer {
     fn compression_unit(&self) -> Option<(u64, crate::extent::Codec)> {
         (!self.external).then_some((self.cs, self.codec))
@@ -477,10 +572,28 @@ impl ImageWriter for Qcow2Writer {
         Ok(())
     }
 
-    fn resize(&mut self, _new_size: u64, _prealloc: Preallocation) -> Result<Vec<Action>> {
-        Err(Error::Unsupported(
-            "resizing qcow2 images is not supported by rimg yet".into(),
-        ))
+    fn resize(&mut self, new_size: u64, prealloc: Preallocation) -> Result<Vec<Action>> {
+        if !new_size.is_multiple_of(512) {
+            return Err(Error::InvalidArgument(
+                "The new size must be a multiple of 512".into(),
+            ));
+        }
+        if prealloc != Preallocation::Off {
+            return Err(Error::Unsupported(format!(
+                "Unsupported preallocation mode: {}",
+                prealloc.name()
+            )));
+        }
+        let old = self.header.size;
+        if new_size < old {
+            self.shrink(new_size)?;
+        } else {
+            self.grow_l1(new_size)?;
+        }
+        self.header.size = new_size;
+        self.header_dirty = true;
+        self.write_metadata()?;
+        Ok(Vec::new())
     }
 
     fn flush(&mut self) -> Result<()> {
