@@ -199,6 +199,16 @@ pub fn parse_number(v: &str) -> std::result::Result<u64, NumberError> {
     Ok(if neg { n.wrapping_neg() } else { n })
 }
 
+/// Whether a number option's text is within a signed 64-bit integer (qemu's QAPI visitor
+/// reads `refcount-bits` as one).
+fn fits_i64(v: &str) -> bool {
+    let t = v.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
+    match t.strip_prefix('-') {
+        Some(m) => parse_number(m).is_ok_and(|n| n <= 1 << 63),
+        None => parse_number(t).is_ok_and(|n| n <= i64::MAX as u64),
+    }
+}
+
 /// Every option `create` accepts for qcow2: qcow2's own and the `file` layer's.
 fn all_options() -> impl Iterator<Item = &'static OptionDesc> {
     QCOW2_OPTIONS.iter().chain(crate::file::FILE_OPTIONS)
@@ -416,7 +426,7 @@ impl CreateOpts {
             Some(v) => Preallocation::parse(v).ok_or_else(|| bad_enum("preallocation", v))?,
         };
         let refcount_bits = number_opt(opts, "refcount_bits", 16);
-        if refcount_bits > i64::MAX as u64 {
+        if !opts.get("refcount_bits").is_none_or(fits_i64) {
             return Err(Error::InvalidArgument(
                 "Parameter 'refcount-bits' expects integer".into(),
             ));

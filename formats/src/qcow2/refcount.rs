@@ -195,6 +195,17 @@ impl Refcounts {
         self.set(c, cur + 1)
     }
 
+    /// Take `n` contiguous free clusters and count them; refcount blocks this needs are
+    /// placed after them.
+    pub(super) fn alloc_contiguous(&mut self, n: u64) -> Result<u64> {
+        let off = self.next_free;
+        self.next_free += n * self.cs;
+        for k in 0..n {
+            self.set(off / self.cs + k, 1)?;
+        }
+        Ok(off)
+    }
+
     /// Take the next free cluster and count it.
     pub(super) fn alloc_cluster(&mut self) -> Result<u64> {
         let off = self.next_free;

@@ -327,10 +327,7 @@ impl Qcow2Writer {
         let old_off = self.header.l1_table_offset;
         let old_clusters = (self.l1.len() as u64 * 8).div_ceil(self.cs);
         let clusters = (need as u64 * 8).div_ceil(self.cs);
-        let new_off = self.refs.next_free;
-        for _ in 0..clusters {
-            self.refs.alloc_cluster()?;
-        }
+        let new_off = self.refs.alloc_contiguous(clusters)?;
         self.l1.resize(need, 0);
         self.l1_dirty = true;
         // Order: new table (refcounts, contents) -> header -> free the old one.
