@@ -102,6 +102,21 @@ impl ImageSpec {
         Ok(spec)
     }
 
+    /// Open only the image itself, not its backing files (`info` without
+    /// `--backing-chain`, as qemu-img opens with BDRV_O_NO_BACKING).
+    pub fn open_top(&self, access: Access, force_share: bool) -> Result<Chain> {
+        let opts = OpenOptions {
+            access,
+            force_share,
+            no_lock: self.no_lock,
+            snapshot: self.snapshot.clone(),
+        };
+        let (image, probed) =
+            rimg_formats::chain::open_image(&self.path, self.format.as_deref(), &opts)
+                .map_err(|e| anyhow!(open_message(&self.path, e)))?;
+        Ok(Chain::single(image, &self.path, probed))
+    }
+
     /// Open the image's whole chain for `access`.
     pub fn open_chain(&self, access: Access, force_share: bool) -> Result<Chain> {
         let opts = OpenOptions {
@@ -125,6 +140,7 @@ pub fn open_message(path: &str, e: rimg_formats::Error) -> String {
     match e {
         E::Open { .. } | E::Locked { .. } => format!("Could not open '{path}': {e}"),
         E::OpenWhy { .. } => e.to_string(),
+        E::Corrupt { what, .. } => format!("Could not open '{path}': {what}"),
         E::InvalidArgument(m) | E::Unsupported(m) => format!("Could not open '{path}': {m}"),
         other => other.to_string(),
     }
@@ -209,4 +225,18 @@ pub fn check_object(def: &str) -> Result<()> {
 /// Parse a cache mode argument (`-t`/`-T`).
 pub fn cache_mode(v: &str) -> Result<rimg_engine::CacheMode> {
     rimg_engine::CacheMode::parse(v).ok_or_else(|| anyhow!("Invalid cache option: {v}"))
+}
+
+/// QEMU marks an image corrupt and prints this line (on stderr, without the program name)
+/// when a lookup meets an inconsistent structure; rimg prints the same before failing.
+pub fn report_corrupt(e: &rimg_formats::Error) -> bool {
+    if let rimg_formats::Error::Corrupt { what, .. } = e {
+        if what.starts_with("Cluster allocation offset") {
+            eprintln!(
+                "qcow2: Image is corrupt: {what}; further non-fatal corruption events will be suppressed"
+            );
+            return true;
+        }
+    }
+    false
 }

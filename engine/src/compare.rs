@@ -84,6 +84,15 @@ impl Side {
     }
 }
 
+/// Map a chain, naming the image and offset when it fails.
+fn map_at(c: &Chain, off: u64, len: u64, out: &mut Vec<ChainExtent>) -> Result<u64> {
+    c.map(GuestOff(off), len, out).map_err(|source| Error::Map {
+        image: c.layers()[0].filename.clone(),
+        off,
+        source,
+    })
+}
+
 /// Compare `a` and `b`.
 pub fn compare(
     engine: &Engine,
@@ -158,14 +167,14 @@ pub fn compare(
         if ia == ea.len() {
             ea.clear();
             ia = 0;
-            if a.map(GuestOff(off), common - off, &mut ea)? == 0 {
+            if map_at(a, off, common - off, &mut ea)? == 0 {
                 break;
             }
         }
         if ib == eb.len() {
             eb.clear();
             ib = 0;
-            if b.map(GuestOff(off), common - off, &mut eb)? == 0 {
+            if map_at(b, off, common - off, &mut eb)? == 0 {
                 break;
             }
         }
@@ -236,7 +245,7 @@ pub fn compare(
         let mut ex = Vec::new();
         while off < total && run.err.is_none() && run.mismatch.is_none() {
             ex.clear();
-            let got = big.map(GuestOff(off), total - off, &mut ex)?;
+            let got = map_at(big, off, total - off, &mut ex)?;
             if got == 0 {
                 break;
             }
@@ -410,10 +419,9 @@ impl Work for CompareWork {
                     let mut buf = cx.take_buf();
                     buf.set_len(self.len as usize);
                     if let Err(e) = read_compressed(cx.files, &c, buf.as_mut_slice()) {
-                        self.err.get_or_insert(Error::Io {
-                            what: "reading compressed cluster of",
+                        self.err.get_or_insert(Error::Read {
+                            guest: self.guest,
                             path: cx.files.path(c.file).to_string(),
-                            off: c.host,
                             source: e,
                         });
                     }
@@ -473,10 +481,10 @@ impl Work for CompareWork {
                 let Side::Data(file, host) = self.sides[k] else {
                     unreachable!("only data sides are read through the queue")
                 };
-                self.err.get_or_insert(Error::Io {
-                    what: "reading",
+                let _ = host;
+                self.err.get_or_insert(Error::Read {
+                    guest: self.guest,
                     path: cx.files.path(file).to_string(),
-                    off: host,
                     source: e,
                 });
             }

@@ -155,7 +155,7 @@ pub fn convert(
         None
     };
     // The cluster being gathered for compression: (start, pieces, has data).
-    let mut gathering: Option<(u64, Vec<(u64, u64, Src)>, bool)> = None;
+    let mut gathering: Option<Gathered> = None;
     let detect = match opts.sparse {
         Some(0) => None,
         other => other,
@@ -180,6 +180,7 @@ pub fn convert(
                         len: want,
                         at: None,
                     },
+                    shown_depth: 0,
                 });
                 want
             } else {
@@ -192,12 +193,17 @@ pub fn convert(
                                 len: want,
                                 at: None,
                             },
+                            shown_depth: 0,
                         });
                         want
                     }
                     Ok(n) => n,
                     Err(e) => {
-                        plan.fail(e.into());
+                        plan.fail(Error::Map {
+                            image: s.chain.layers()[0].filename.clone(),
+                            off,
+                            source: e,
+                        });
                         break 'sources;
                     }
                 }
@@ -412,7 +418,7 @@ impl Planner<'_, '_> {
         }
         full.extend(pieces);
         let total: u64 = full.iter().map(|p| p.1).sum();
-        let w = CompressWork::new(id, total, cs, full, codec, salvage);
+        let w = CompressWork::new(id, start, total, cs, full, codec, salvage);
         self.dispatch(Box::new(w), None, id, total);
     }
 
@@ -572,6 +578,9 @@ impl Planner<'_, '_> {
         self.dispatch(w, None, id, 0);
     }
 }
+
+/// A target cluster being gathered for compression: (guest start, pieces, has data).
+type Gathered = (u64, Vec<(u64, u64, Src)>, bool);
 
 /// Where a unit's bytes come from.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -859,10 +868,9 @@ impl Work for CopyWork {
                         buf.as_mut_slice().fill(0);
                         self.salvaged += self.len;
                     } else {
-                        self.set_err(Error::Io {
-                            what: "reading compressed cluster of",
+                        self.set_err(Error::Read {
+                            guest: self.guest,
                             path: cx.files.path(c.file).to_string(),
-                            off: c.host,
                             source: e,
                         });
                     }
@@ -926,10 +934,10 @@ impl Work for CopyWork {
                             buf.as_mut_slice()[..want].fill(0);
                             self.salvaged += self.len;
                         } else {
-                            self.set_err(Error::Io {
-                                what: "reading",
+                            let _ = host;
+                            self.set_err(Error::Read {
+                                guest: self.guest,
                                 path: cx.files.path(file).to_string(),
-                                off: host,
                                 source: e,
                             });
                         }

@@ -82,6 +82,29 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Reading guest data failed (a read error, or a compressed cluster that does not
+    /// decode), worded as qemu-img words it.
+    #[error("error while reading at byte {guest}: {}", read_strerror(.source))]
+    Read {
+        /// guest offset of the unit that failed
+        guest: u64,
+        /// the image file
+        path: String,
+        /// the cause
+        #[source]
+        source: std::io::Error,
+    },
+    /// Mapping a source failed at guest offset `off` (its block status could not be read).
+    #[error("{source}")]
+    Map {
+        /// which image (as named)
+        image: String,
+        /// guest offset of the failed lookup
+        off: u64,
+        /// the cause
+        #[source]
+        source: rimg_formats::Error,
+    },
     /// Setting up the engine failed (ring, buffers, threads).
     #[error("engine setup: {0}")]
     Setup(String),
@@ -139,5 +162,14 @@ impl Engine {
     /// What the probes found and which fallbacks were taken, one line each.
     pub fn notes(&self) -> Vec<String> {
         self.notes.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// QEMU reports undecodable data as an I/O error.
+pub fn read_strerror(e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::InvalidData {
+        "Input/output error".into()
+    } else {
+        rimg_formats::error::strerror(e)
     }
 }

@@ -23,6 +23,8 @@ use crate::{zero, Error};
 pub(crate) struct CompressWork {
     /// unit id (the planner's)
     pub id: u64,
+    /// guest offset of the cluster
+    pub guest: u64,
     /// guest bytes of the cluster inside the image
     pub len: u64,
     /// the cluster size (a short last cluster is padded with zeros)
@@ -40,6 +42,7 @@ impl CompressWork {
     /// A unit for the cluster of `len` guest bytes made of `pieces`.
     pub(crate) fn new(
         id: u64,
+        guest: u64,
         len: u64,
         unit: u64,
         pieces: Vec<(u64, u64, Src)>,
@@ -48,6 +51,7 @@ impl CompressWork {
     ) -> CompressWork {
         CompressWork {
             id,
+            guest,
             len,
             unit,
             pieces,
@@ -72,15 +76,14 @@ impl CompressWork {
                 if self.salvage {
                     dst.fill(0);
                 } else {
-                    let (file, off) = match src {
-                        Src::Data(f, h) => (f, h),
-                        Src::Compressed(c) => (c.file, c.host),
-                        Src::Zeros => (FileIdx(0), 0),
+                    let file = match src {
+                        Src::Data(f, _) => f,
+                        Src::Compressed(c) => c.file,
+                        Src::Zeros => FileIdx(0),
                     };
-                    return Err(Error::Io {
-                        what: "reading",
+                    return Err(Error::Read {
+                        guest: self.guest + o,
                         path: files.path(file).to_string(),
-                        off,
                         source: e,
                     });
                 }

@@ -37,6 +37,9 @@ pub struct ChainExtent {
     pub depth: usize,
     /// what the range is in that layer
     pub extent: Extent,
+    /// the depth `map` reports: `depth` when a layer holds the range; otherwise the deepest
+    /// layer consulted (the one whose backing file ends, or the bottom of the chain)
+    pub shown_depth: usize,
 }
 
 /// An open backing chain; layer 0 is the image named by the user.
@@ -92,8 +95,7 @@ impl Chain {
             let id = file_id(&resolved);
             if id.is_some() && seen.contains(&id) {
                 return Err(Error::Chain(format!(
-                    "Backing file '{}' of '{}' creates an infinite loop",
-                    backing.name, last.filename
+                    "Backing file '{resolved}' creates an infinite loop."
                 )));
             }
             seen.push(id);
@@ -159,19 +161,28 @@ impl Chain {
         out: &mut Vec<ChainExtent>,
     ) -> Result<u64> {
         let Some(layer) = self.layers.get(depth) else {
-            out.push(ChainExtent {
-                depth,
-                extent: Extent::Unallocated { len, at: None },
-            });
+            push_chain(
+                out,
+                ChainExtent {
+                    depth,
+                    extent: Extent::Unallocated { len, at: None },
+                    shown_depth: depth.saturating_sub(1),
+                },
+            );
             return Ok(len);
         };
         let size = layer.image.virtual_size();
         if off.0 >= size {
-            // Past the end of a (shorter) backing file: reads as zeros.
-            out.push(ChainExtent {
-                depth: self.layers.len(),
-                extent: Extent::Unallocated { len, at: None },
-            });
+            // Past the end of a (shorter) backing file: reads as zeros; `map` names the
+            // layer whose backing file ended.
+            push_chain(
+                out,
+                ChainExtent {
+                    depth: self.layers.len(),
+                    extent: Extent::Unallocated { len, at: None },
+                    shown_depth: depth.saturating_sub(1),
+                },
+            );
             return Ok(len);
         }
         let mut exts = Vec::new();
@@ -179,17 +190,38 @@ impl Chain {
         let mut pos = off;
         for e in exts {
             let l = e.len();
-            if let (Extent::Unallocated { at: Some(_), .. }, true) =
-                (&e, depth + 1 == self.layers.len())
-            {
-                // Nothing below: keep the reserved host location for `map`.
-                push_chain(
-                    out,
-                    ChainExtent {
-                        depth: self.layers.len(),
-                        extent: e,
-                    },
-                );
+            if let Extent::Unallocated { at: Some(at), .. } = e {
+                // Look below; where no layer has the range, keep this layer's reserved host
+                // location for `map` (QEMU reports it).
+                let mut below = Vec::new();
+                let mut done = 0;
+                while done < l {
+                    let n = self.map_at(depth + 1, pos.plus(done), l - done, &mut below)?;
+                    if n == 0 {
+                        break;
+                    }
+                    done += n;
+                }
+                let mut rel = 0;
+                for ce in below {
+                    let n = ce.extent.len();
+                    if ce.depth >= self.layers.len() {
+                        push_chain(
+                            out,
+                            ChainExtent {
+                                depth: self.layers.len(),
+                                extent: Extent::Unallocated {
+                                    len: n,
+                                    at: Some((at.0, at.1.plus(rel))),
+                                },
+                                shown_depth: depth,
+                            },
+                        );
+                    } else {
+                        push_chain(out, ce);
+                    }
+                    rel += n;
+                }
             } else if let Extent::Unallocated { .. } = e {
                 let mut done = 0;
                 while done < l {
@@ -200,7 +232,14 @@ impl Chain {
                     done += n;
                 }
             } else {
-                push_chain(out, ChainExtent { depth, extent: e });
+                push_chain(
+                    out,
+                    ChainExtent {
+                        depth,
+                        extent: e,
+                        shown_depth: depth,
+                    },
+                );
             }
             pos = pos.plus(l);
         }
@@ -211,7 +250,10 @@ impl Chain {
 /// Append, merging with the previous extent of the same depth when contiguous.
 fn push_chain(out: &mut Vec<ChainExtent>, ce: ChainExtent) {
     if let Some(last) = out.last_mut() {
-        if last.depth == ce.depth && last.extent.try_merge(&ce.extent) {
+        if last.depth == ce.depth
+            && last.shown_depth == ce.shown_depth
+            && last.extent.try_merge(&ce.extent)
+        {
             return;
         }
     }

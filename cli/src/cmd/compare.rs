@@ -129,6 +129,22 @@ pub fn run(args: &[String]) -> Result<i32> {
             1,
         ),
         Ok(CompareResult::SizeMismatch) => ("Strict mode: Image size mismatch!".to_string(), 1),
+        Err(rimg_engine::Error::Map { image, source, .. }) => {
+            crate::common::report_corrupt(&source);
+            report(&format!("Sector allocation test failed for {image}"));
+            return Ok(3);
+        }
+        Err(rimg_engine::Error::Read {
+            guest,
+            path,
+            source,
+        }) => {
+            report(&format!(
+                "Error while reading offset {guest} of {path}: {}",
+                rimg_engine::read_strerror(&source)
+            ));
+            return Ok(4);
+        }
         Err(e) => {
             report(&format!("{e}"));
             return Ok(4);

@@ -323,9 +323,15 @@ pub fn run(args: &[String]) -> Result<i32> {
             }
             Ok(0)
         }
+        Err(rimg_engine::Error::Map { off, source, .. })
+            if crate::common::report_corrupt(&source) =>
+        {
+            progress.finish();
+            bail!("error while reading block status at offset {off}: Input/output error")
+        }
         Err(e) => {
             progress.finish();
-            bail!("error while writing at byte 0: {e}")
+            bail!("{e}")
         }
     }
 }

@@ -56,7 +56,11 @@ pub fn run(args: &[String]) -> Result<i32> {
     }
     let json = output_format("info", o.get("output"))?;
     let spec = ImageSpec::resolve(&o.pos[0], o.get("format"), o.has("image-opts"))?;
-    let chain = spec.open_chain(Access::Info, o.has("force-share"))?;
+    let chain = if o.has("backing-chain") {
+        spec.open_chain(Access::Info, o.has("force-share"))?
+    } else {
+        spec.open_top(Access::Info, o.has("force-share"))?
+    };
     let layers: Vec<&Layer> = if o.has("backing-chain") {
         chain.layers().iter().collect()
     } else {
@@ -163,6 +167,9 @@ fn layer_human(l: &Layer) -> String {
     );
     if let Some(cs) = l.image.cluster_size() {
         s.push_str(&format!("cluster_size: {cs}\n"));
+    }
+    if l.image.dirty() {
+        s.push_str("cleanly shut down: no\n");
     }
     if let Some((name, full, fmt)) = backing_of(l) {
         if full == name {

@@ -58,7 +58,8 @@ struct Entry {
     data: bool,
     compressed: bool,
     offset: Option<u64>,
-    file: usize,
+    /// the file the human output names: (layer, file of that layer)
+    file: (usize, u32),
 }
 
 impl Entry {
@@ -67,18 +68,19 @@ impl Entry {
         let mut e = Entry {
             start,
             length: len,
-            depth: ce.depth.min(layers - 1),
+            depth: ce.shown_depth.min(layers - 1),
             present: ce.depth < layers,
             zero: false,
             data: false,
             compressed: false,
             offset: None,
-            file: ce.depth.min(layers - 1),
+            file: (ce.depth.min(layers - 1), 0),
         };
         match &ce.extent {
-            Extent::Data { host, .. } => {
+            Extent::Data { host, file, .. } => {
                 e.data = true;
                 e.offset = Some(host.0);
+                e.file.1 = file.0;
             }
             Extent::Zero { at, .. } => {
                 e.zero = true;
@@ -166,7 +168,23 @@ pub fn run(args: &[String]) -> Result<i32> {
         Some(l) => start.saturating_add(l).min(size),
         None => size,
     };
-    let mut entries = collect(&chain, start, end)?;
+    let mut entries = match collect(&chain, start, end) {
+        Ok(e) => e,
+        Err(e) => {
+            // qemu-img has printed the start of its output when the lookup fails.
+            if let Some(fe) = e.downcast_ref::<rimg_formats::Error>() {
+                if crate::common::report_corrupt(fe) {
+                    if json {
+                        print!("[");
+                    } else {
+                        println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
+                    }
+                    anyhow::bail!("Could not read file metadata: Input/output error");
+                }
+            }
+            return Err(e);
+        }
+    };
     if entries.is_empty() {
         // qemu-img prints one empty, not-present entry for an empty range.
         entries.push(Entry {
@@ -178,7 +196,7 @@ pub fn run(args: &[String]) -> Result<i32> {
             data: false,
             compressed: false,
             offset: None,
-            file: 0,
+            file: (0, 0),
         });
     }
     let mut out = String::new();
@@ -207,7 +225,7 @@ pub fn run(args: &[String]) -> Result<i32> {
                     hex(e.start),
                     hex(e.length),
                     hex(off),
-                    chain.layers()[e.file].filename
+                    file_name(&chain, e.file)
                 ));
             }
         }
@@ -239,4 +257,26 @@ fn collect(chain: &Chain, start: u64, end: u64) -> Result<Vec<Entry>> {
         off += n;
     }
     Ok(entries)
+}
+
+/// The name human `map` prints for a layer's file: the image as named, or an external data
+/// file as an absolute path (as qemu-img shows it).
+fn file_name(chain: &Chain, (layer, file): (usize, u32)) -> String {
+    let l = &chain.layers()[layer];
+    if file == 0 {
+        return l.filename.clone();
+    }
+    match l.image.files().get(file as usize) {
+        Some(f) => {
+            let p = std::path::Path::new(f.path());
+            if p.is_absolute() {
+                f.path().to_string()
+            } else {
+                std::env::current_dir()
+                    .map(|d| d.join(p).to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| f.path().to_string())
+            }
+        }
+        None => l.filename.clone(),
+    }
 }

@@ -187,11 +187,11 @@ impl Header {
             path: path.to_string(),
             what,
         };
-        if buf.len() < 72 {
+        if buf.len() < 4 || be32(buf, 0) != MAGIC {
             return Err(bad("Image is not in qcow2 format".into()));
         }
-        if be32(buf, 0) != MAGIC {
-            return Err(bad("Image is not in qcow2 format".into()));
+        if buf.len() < 72 {
+            return Err(bad("qcow2 header too short".into()));
         }
         let mut h = Header {
             version: be32(buf, 4),
@@ -224,7 +224,7 @@ impl Header {
         }
         if h.version >= 3 {
             if buf.len() < 104 {
-                return Err(bad("qcow2 header exceeds cluster size".into()));
+                return Err(bad("qcow2 header too short".into()));
             }
             h.incompatible_features = be64(buf, 72);
             h.compatible_features = be64(buf, 80);
@@ -248,18 +248,17 @@ impl Header {
             )));
         }
         let cs = h.cluster_size();
+        // QEMU's wording for misaligned tables.
         let check_off = |name: &str, off: u64| -> Result<()> {
             if !off.is_multiple_of(cs) {
-                return Err(bad(format!(
-                    "Invalid {name} offset {off:#x}: not cluster aligned"
-                )));
+                return Err(bad(format!("{name} offset invalid")));
             }
             Ok(())
         };
-        check_off("L1 table", h.l1_table_offset)?;
-        check_off("refcount table", h.refcount_table_offset)?;
+        check_off("Active L1 table", h.l1_table_offset)?;
+        check_off("Reference count table", h.refcount_table_offset)?;
         if h.nb_snapshots > 0 {
-            check_off("snapshot table", h.snapshots_offset)?;
+            check_off("Snapshot table", h.snapshots_offset)?;
         }
         // QEMU's limits: L1 table at most 32 MiB, refcount table at most 8 MiB.
         if u64::from(h.l1_size) * 8 > 32 << 20 {
@@ -293,10 +292,7 @@ impl Header {
         let per_l1 = 1u128 << (l2_bits + h.cluster_bits);
         let need = (u128::from(h.size)).div_ceil(per_l1);
         if need > u128::from(h.l1_size) {
-            return Err(bad(format!(
-                "L1 table is too small for the virtual size ({} < {need} entries)",
-                h.l1_size
-            )));
+            return Err(bad("L1 table is too small".into()));
         }
         if h.backing_file_offset != 0 {
             if h.backing_file_size > 1023 {

@@ -153,7 +153,8 @@ pub(super) fn map(img: &Qcow2Image, off: GuestOff, len: u64, out: &mut Vec<Exten
             return Err(Error::Corrupt {
                 path: path.to_string(),
                 what: format!(
-                    "Cluster allocation offset {host:#x} unaligned (L2 offset: {l2_off:#x}, L2 index: {idx:#x})"
+                    "Cluster allocation offset {host:#x} unaligned (L2 offset: {l2_off:#x}, L2 index: {})",
+                    if idx == 0 { "0".to_string() } else { format!("{idx:#x}") }
                 ),
             });
         }

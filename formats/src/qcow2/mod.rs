@@ -192,10 +192,13 @@ impl Qcow2Image {
                     what: "Missing data file name (external data file bit set)".into(),
                 });
             };
-            let resolved = crate::chain::resolve_backing(&path, &name);
-            let df = FileLayer::open(&resolved, &opts.file_open())?;
-            files.push(Arc::new(df));
-            data_file = FileId(1);
+            // QEMU opens the data file by the name as stored (relative to the working
+            // directory), and `info` never opens it.
+            if opts.access != crate::driver::Access::Info {
+                let df = FileLayer::open(&name, &opts.file_open())?;
+                files.push(Arc::new(df));
+                data_file = FileId(1);
+            }
         }
         let l2_cache = L2Cache::new(&header);
         Ok(Qcow2Image {
