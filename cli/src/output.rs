@@ -157,35 +157,6 @@ pub fn write_str(out: &mut String, s: &str) {
     out.push('"');
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_like_qemu() {
-        assert_eq!(size_to_str(1 << 30), "1 GiB");
-        assert_eq!(size_to_str(4096), "4 KiB");
-        assert_eq!(size_to_str(512), "512 B");
-        assert_eq!(size_to_str(0), "0 B");
-        assert_eq!(size_to_str(1000), "0.977 KiB");
-        assert_eq!(size_to_str(1536), "1.5 KiB");
-        assert_eq!(size_to_str(1073995776), "1 GiB");
-        assert_eq!(size_to_str(999 * 1024), "999 KiB");
-        assert_eq!(size_to_str(1023488), "1e+03 KiB");
-        assert_eq!(size_to_str(1047552), "0.999 MiB");
-        assert_eq!(size_to_str(1234944), "1.18 MiB");
-    }
-
-    #[test]
-    fn json_layout() {
-        let v: Value = serde_json::from_str(r#"{"a": [], "b": {"c": 1}, "d": {}}"#).unwrap();
-        assert_eq!(
-            qemu_json(&v),
-            "{\n    \"a\": [\n    ],\n    \"b\": {\n        \"c\": 1\n    },\n    \"d\": {\n    }\n}"
-        );
-    }
-}
-
 /// The `Snapshot list:` table of `info` and `snapshot -l`, as qemu-img prints it (dates in
 /// local time).
 pub fn snapshot_table(snaps: &[rimg_formats::SnapshotInfo]) -> String {
@@ -251,4 +222,33 @@ pub fn snapshots_json(snaps: &[rimg_formats::SnapshotInfo]) -> Value {
             })
             .collect(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_like_qemu() {
+        assert_eq!(size_to_str(1 << 30), "1 GiB");
+        assert_eq!(size_to_str(4096), "4 KiB");
+        assert_eq!(size_to_str(512), "512 B");
+        assert_eq!(size_to_str(0), "0 B");
+        assert_eq!(size_to_str(1000), "0.977 KiB");
+        assert_eq!(size_to_str(1536), "1.5 KiB");
+        assert_eq!(size_to_str(1073995776), "1 GiB");
+        assert_eq!(size_to_str(999 * 1024), "999 KiB");
+        assert_eq!(size_to_str(1023488), "1e+03 KiB");
+        assert_eq!(size_to_str(1047552), "0.999 MiB");
+        assert_eq!(size_to_str(1234944), "1.18 MiB");
+    }
+
+    #[test]
+    fn json_layout() {
+        let v: Value = serde_json::from_str(r#"{"a": [], "b": {"c": 1}, "d": {}}"#).unwrap();
+        assert_eq!(
+            qemu_json(&v),
+            "{\n    \"a\": [\n    ],\n    \"b\": {\n        \"c\": 1\n    },\n    \"d\": {\n    }\n}"
+        );
+    }
 }
