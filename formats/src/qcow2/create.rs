@@ -14,6 +14,7 @@
 //! The backing file is recorded, never opened (the caller handles size-from-backing and
 //! format probing).
 
+mod clusters;
 mod layout;
 
 use std::io;
@@ -119,6 +120,7 @@ fn build(spec: &CreateSpec, image: &FileLayer, data: Option<&FileLayer>) -> Resu
     image.sync()?;
     if let Some(d) = data {
         actions.extend(apply_ops(d, FileId(1), &layout.data_ops, layout.data_len)?);
+        d.sync()?;
     }
     Ok(actions)
 }
@@ -143,7 +145,7 @@ fn header_cluster(o: &CreateOpts, layout: Option<&Layout>, with_backing: bool) -
             l.l1.len() as u32,
             l.l1_offset,
             l.reftable_offset,
-            (l.reftable.len() as u64 * 8 >> o.cluster_bits) as u32,
+            ((l.reftable.len() as u64 * 8) >> o.cluster_bits) as u32,
         ),
         None => (0, 0, 1 << o.cluster_bits, 1),
     };
@@ -237,16 +239,33 @@ fn apply_ops(f: &FileLayer, id: FileId, ops: &[FileOp], len: u64) -> Result<Vec<
     let mut first_block = false;
     for op in ops {
         match *op {
-            FileOp::Fallocate { off, len } => {
-                f.fallocate(Falloc::Allocate, off, len)
-                    .map_err(|e| match e {
-                        Error::Io { source, .. } => invalid(format!(
-                            "Could not preallocate new data: {}",
-                            crate::error::strerror(&source)
-                        )),
-                        other => other,
-                    })?
-            }
+            FileOp::Fallocate { off, len } => match f.fallocate(Falloc::Allocate, off, len) {
+                Ok(()) => {}
+                // posix_fallocate (which qemu uses) writes zeros where the file system
+                // cannot allocate: leave that to the engine.
+                Err(Error::Io { source, .. })
+                    if source.raw_os_error() == Some(libc::EOPNOTSUPP) =>
+                {
+                    f.set_len(off + len)?;
+                    actions.push(Action::WriteZeroes {
+                        file: id,
+                        host: HostOff(off),
+                        len,
+                    });
+                }
+                Err(Error::Io { source, .. }) => {
+                    return Err(invalid(format!(
+                        "Could not resize image: {}Could not preallocate new data: {}",
+                        if id.0 == 0 {
+                            "Failed to resize underlying file: "
+                        } else {
+                            ""
+                        },
+                        crate::error::strerror(&source)
+                    )))
+                }
+                Err(other) => return Err(other),
+            },
             FileOp::WriteZeroes { off, len } => actions.push(Action::WriteZeroes {
                 file: id,
                 host: HostOff(off),

@@ -24,7 +24,7 @@ pub(super) fn refcount_metadata_size(
     generous: bool,
 ) -> (u64, u64) {
     let per_table_cluster = u128::from(cluster_size / 8);
-    let per_block = u128::from(cluster_size * 8 >> refcount_order);
+    let per_block = u128::from((cluster_size * 8) >> refcount_order);
     let mut clusters = u128::from(clusters);
     let mut generous = generous;
     let (mut table, mut blocks, mut n) = (0u128, 0u128, 0u128);

@@ -215,8 +215,9 @@ fn all_options() -> impl Iterator<Item = &'static OptionDesc> {
 }
 
 /// Phase 1 of validation, qemu's option parser: every name must be a qcow2 or `file`
-/// option, and every value must parse as its type. Messages are qemu-img's.
-pub(super) fn check_types(opts: &OptionMap) -> Result<()> {
+/// option, and every value must parse as its type. Messages are qemu-img's (the CLI can
+/// use this instead of [`OptionMap::validate`], whose number and size messages differ).
+pub fn check_types(opts: &OptionMap) -> Result<()> {
     for (k, v) in opts.items() {
         let Some(d) = all_options().find(|d| d.name == k) else {
             return Err(Error::InvalidArgument(format!("Invalid parameter '{k}'")));
