@@ -178,6 +178,23 @@ pub trait FormatDriver: Sync {
     /// The options `create`, `measure` and `amend` accept for this format, in the order
     /// qemu-img prints them in the `Formatting` line.
     fn create_options(&self) -> &'static [OptionDesc];
+    /// Check `-o` names and value types as qemu's option parser does (before anything is
+    /// printed or created). The default checks against the create and protocol options.
+    fn check_options(&self, opts: &OptionMap) -> Result<()> {
+        let all: Vec<OptionDesc> = self
+            .create_options()
+            .iter()
+            .chain(self.protocol_options())
+            .copied()
+            .collect();
+        opts.validate(&all)
+    }
+    /// qemu-img's `Formatting '...'` line for this format, when it has its own layout
+    /// (`None`: format, size, then the given options in declaration order).
+    fn formatting_line(&self, path: &str, size: u64, opts: &OptionMap) -> Option<String> {
+        let _ = (path, size, opts);
+        None
+    }
     /// Whether `convert -c` can write this format compressed.
     fn supports_compression(&self) -> bool {
         false

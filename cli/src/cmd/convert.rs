@@ -226,7 +226,7 @@ pub fn run(args: &[String]) -> Result<i32> {
         }
     };
     if !no_create {
-        if let Err(e) = topts.validate(&super::create::all_options(driver)) {
+        if let Err(e) = driver.check_options(&topts) {
             bail!("{e}");
         }
         if topts.get("size").is_some() {

@@ -110,6 +110,9 @@ pub fn formatting_line(
     size: u64,
     opts: &OptionMap,
 ) -> String {
+    if let Some(line) = driver.formatting_line(path, size, opts) {
+        return line;
+    }
     let mut s = format!("Formatting '{path}', fmt={} size={size}", driver.name());
     for d in driver
         .create_options()
@@ -130,13 +133,6 @@ pub fn formatting_line(
         }
     }
     s
-}
-
-/// Every option `create` accepts for `driver`.
-pub fn all_options(driver: &dyn FormatDriver) -> Vec<OptionDesc> {
-    let mut v: Vec<OptionDesc> = driver.create_options().to_vec();
-    v.extend(driver.protocol_options().iter().copied());
-    v
 }
 
 /// Run `create`.
@@ -172,26 +168,73 @@ pub fn run(args: &[String]) -> Result<i32> {
         Some(s) => Some(parse_num("image size", s)?),
         None => None,
     };
-    if o.has("backing") {
-        bail!(
-            "{path}: Backing file not supported for file format '{}'",
-            driver.name()
-        );
+    let takes_backing = driver
+        .create_options()
+        .iter()
+        .any(|d| d.name == "backing_file");
+    if !takes_backing {
+        if o.has("backing") {
+            bail!(
+                "{path}: Backing file not supported for file format '{}'",
+                driver.name()
+            );
+        }
+        if o.has("backing-format") {
+            bail!(
+                "{path}: Backing file format not supported for file format '{}'",
+                driver.name()
+            );
+        }
     }
-    if o.has("backing-format") {
-        bail!(
-            "{path}: Backing file format not supported for file format '{}'",
-            driver.name()
-        );
+    if let Some(b) = o.get("backing") {
+        opts.set("backing_file", b);
     }
-    if let Err(e) = opts.validate(&all_options(driver)) {
+    if let Some(f) = o.get("backing-format") {
+        opts.set("backing_fmt", f);
+    }
+    if let Err(e) = driver.check_options(&opts) {
         bail!("{path}: {e}");
     }
-    let size = match (size, opts.take("size")) {
-        (Some(_), Some(_)) => bail!("{path}: The image size must be specified only once"),
-        (Some(s), None) => s,
-        (None, Some(v)) => parse_num("image size", &v)?,
-        (None, None) => bail!("{path}: Image creation needs a size parameter"),
+    // The backing file: its format must be named; it gives the size when none is given.
+    let mut backing_size = None;
+    if let Some(b) = opts.get("backing_file").map(str::to_string) {
+        let resolved = rimg_formats::chain::resolve_backing(path, &b);
+        let fmt = opts.get("backing_fmt").map(str::to_string);
+        if fmt.is_none() {
+            let probed = rimg_formats::FileLayer::open(
+                &resolved,
+                &rimg_formats::file::FileOpen::read_only(),
+            )
+            .and_then(|f| rimg_formats::registry::probe(&f))
+            .map(|d| d.name())
+            .unwrap_or("raw");
+            bail!(
+                "{path}: Backing file specified without backing format\nDetected format of {probed}."
+            );
+        }
+        if !o.has("backing-unsafe") {
+            match rimg_formats::chain::open_image(
+                &resolved,
+                fmt.as_deref(),
+                &OpenOptions::new(rimg_formats::Access::Info),
+            ) {
+                Ok((img, _)) => backing_size = Some(img.virtual_size()),
+                Err(e) => {
+                    let msg = match e {
+                        rimg_formats::Error::Corrupt { what, .. } => what,
+                        other => other.to_string(),
+                    };
+                    bail!("{path}: {msg}\nCould not open backing image.");
+                }
+            }
+        }
+    }
+    let size = match (size, opts.take("size"), backing_size) {
+        (Some(_), Some(_), _) => bail!("{path}: The image size must be specified only once"),
+        (Some(s), None, _) => s,
+        (None, Some(v), _) => parse_num("image size", &v)?,
+        (None, None, Some(b)) => b,
+        (None, None, None) => bail!("{path}: Image creation needs a size parameter"),
     };
     if !o.has("quiet") {
         println!("{}", formatting_line(path, driver, size, &opts));

@@ -93,7 +93,7 @@ pub fn run(args: &[String]) -> Result<i32> {
         }
         (None, None) => unreachable!("checked above"),
     };
-    if let Err(e) = opts.validate(&super::create::all_options(driver)) {
+    if let Err(e) = driver.check_options(&opts) {
         report(&e.to_string());
         bail!("Invalid options for file format '{}'", driver.name());
     }

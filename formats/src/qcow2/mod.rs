@@ -64,6 +64,14 @@ impl FormatDriver for Qcow2Driver {
         true
     }
 
+    fn check_options(&self, opts: &OptionMap) -> Result<()> {
+        options::check_types(opts)
+    }
+
+    fn formatting_line(&self, path: &str, size: u64, opts: &OptionMap) -> Option<String> {
+        Some(options::formatting_line(path, size, opts))
+    }
+
     fn create(&self, spec: &CreateSpec) -> Result<Vec<Action>> {
         create::create(spec)
     }
