@@ -66,6 +66,9 @@ pub struct ConvertOptions<'a> {
     pub salvage: bool,
     /// `-c`: write every target cluster compressed (formats that support it)
     pub compress: bool,
+    /// `-B`: the target has the source's backing file; copy only what the source's top
+    /// layer holds and leave the rest unallocated
+    pub top_layer_only: bool,
     /// called with (bytes done, bytes total) as units complete
     pub progress: Option<&'a (dyn Fn(u64, u64) + Sync)>,
 }
@@ -210,6 +213,12 @@ pub fn convert(
             };
             for ce in exts.drain(..) {
                 let len = ce.extent.len();
+                if opts.top_layer_only && ce.depth != 0 {
+                    // The target's backing file shows through here.
+                    tgt += len;
+                    plan.done += len;
+                    continue;
+                }
                 let src = match ce.extent {
                     Extent::Data { file, host, .. } => {
                         Src::Data(src_idx[si][ce.depth][file.0 as usize], host.0)

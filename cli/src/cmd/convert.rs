@@ -181,18 +181,34 @@ pub fn run(args: &[String]) -> Result<i32> {
     if o.has("c") && !driver.supports_compression() {
         bail!("Compression not supported for this file format");
     }
-    if o.has("backing") {
+    let takes_backing = driver
+        .create_options()
+        .iter()
+        .any(|d| d.name == "backing_file");
+    if !takes_backing && o.has("backing") {
         bail!(
             "Backing file not supported for file format '{}'",
             driver.name()
         );
     }
-    if o.has("backing-format") {
+    if !takes_backing && o.has("backing-format") {
         bail!(
             "Backing file format not supported for file format '{}'",
             driver.name()
         );
     }
+    if let Some(b) = o.get("backing") {
+        if !o.has("backing-format") && topts.get("backing_fmt").is_none() {
+            bail!("Use of backing file requires explicit backing format");
+        }
+        topts.set("backing_file", b);
+    }
+    if let Some(f) = o.get("backing-format") {
+        topts.set("backing_fmt", f);
+    }
+    // -B (or -o backing_file): only what the source's top layer holds is copied; the rest
+    // is left to the target's backing file, as qemu-img does.
+    let target_backing = topts.get("backing_file").is_some();
     let sparse = sparse.unwrap_or(4096);
     let (srcs, tgt) = o.pos.split_at(o.pos.len() - 1);
     let tgt = &tgt[0];
@@ -286,7 +302,7 @@ pub fn run(args: &[String]) -> Result<i32> {
             writer: writer.as_mut(),
             offset: 0,
             // A new file reads as zeros; a block device does not (no zero-init).
-            is_zero: (!no_create && !tchain.top().files()[0].is_block_device())
+            is_zero: (!no_create && !target_backing && !tchain.top().files()[0].is_block_device())
                 || o.has("target-is-zero"),
         },
         &ConvertOptions {
@@ -303,6 +319,7 @@ pub fn run(args: &[String]) -> Result<i32> {
             rate,
             salvage: o.has("salvage"),
             compress: o.has("c"),
+            top_layer_only: target_backing,
             progress: Some(&cb),
         },
     );

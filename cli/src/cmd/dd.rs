@@ -159,6 +159,7 @@ pub fn run(args: &[String]) -> Result<i32> {
             rate: None,
             salvage: false,
             compress: false,
+            top_layer_only: false,
             progress: None,
         },
     )
