@@ -128,3 +128,236 @@ fn killed_convert_leaves_at_most_leaks() {
     }
     c.finish();
 }
+
+/// `create -f qcow2` with many option sets: the same Formatting line, exit code and
+/// stderr as qemu-img, and a byte-identical file.
+#[test]
+fn create_matches_qemu_byte_for_byte() {
+    let twin = crate::util::Twin::new();
+    twin.each(|d| {
+        d.sparse("base.raw", 8 * M);
+    });
+    let mut c = Checks::new();
+    let cases: &[&[&str]] = &[
+        &["create", "-f", "qcow2", "i.qcow2", "1G"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            "i.qcow2",
+            "100M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512,refcount_bits=1",
+            "i.qcow2",
+            "30M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=2M,extended_l2=on",
+            "i.qcow2",
+            "3G",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts,compression_type=zstd",
+            "i.qcow2",
+            "5M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+            "i.qcow2",
+            "3M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=full,cluster_size=4k",
+            "i.qcow2",
+            "1M",
+        ],
+        &[
+            "create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "i.qcow2",
+        ],
+        &["create", "-f", "qcow2", "-b", "base.raw", "i.qcow2"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=i.data",
+            "i.qcow2",
+            "2M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10,lazy_refcounts=on",
+            "i.qcow2",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=3k",
+            "i.qcow2",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "refcount_bits=3",
+            "i.qcow2",
+            "1M",
+        ],
+        &["create", "-f", "qcow2", "-o", "-o", "i.qcow2", "1M"],
+    ];
+    for args in cases {
+        twin.each(|d| {
+            let _ = std::fs::remove_file(d.join("i.qcow2"));
+            let _ = std::fs::remove_file(d.join("i.data"));
+        });
+        let pair = twin.run(args);
+        c.same(&pair);
+        for f in ["i.qcow2", "i.data"] {
+            let (q, r) = (
+                std::fs::read(twin.q.join(f)).ok(),
+                std::fs::read(twin.r.join(f)).ok(),
+            );
+            c.check(q == r, || {
+                format!("`{}`: {f} differs from qemu-img's", args.join(" "))
+            });
+        }
+    }
+    c.finish();
+}
+
+/// `measure -O qcow2` and `convert -O qcow2` (plain, `-c`, `-B`) and `resize` of qcow2.
+#[test]
+fn measure_convert_resize_qcow2() {
+    let d = TestDir::new();
+    make_source(&d);
+    let mut c = Checks::new();
+    for args in [
+        &["measure", "-O", "qcow2", "--size", "1G"][..],
+        &[
+            "measure",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "--size",
+            "3G",
+        ][..],
+        &["measure", "-O", "qcow2", "-f", "raw", "src.raw"][..],
+        &[
+            "measure",
+            "-O",
+            "qcow2",
+            "--output=json",
+            "-f",
+            "raw",
+            "src.raw",
+        ][..],
+    ] {
+        c.same(&d.both(args));
+    }
+    for extra in [
+        &[][..],
+        &["-c"][..],
+        &["-o", "cluster_size=4k,compression_type=zstd", "-c"][..],
+    ] {
+        let _ = std::fs::remove_file(d.join("o.qcow2"));
+        let mut args = vec!["convert", "-f", "raw", "-O", "qcow2"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["src.raw", "o.qcow2"]);
+        let r = d.rimg(&args);
+        c.check(r.ok() && r.err().is_empty(), || r.describe());
+        let chk = d.qemu(&["check", "o.qcow2"]);
+        c.check(chk.code() == Some(0), || chk.describe());
+        let cmp = d.qemu(&["compare", "-f", "raw", "src.raw", "o.qcow2"]);
+        c.check(cmp.code() == Some(0), || cmp.describe());
+    }
+    // -B: an overlay of o.qcow2 holding only what differs.
+    d.qemu(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "o.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+    ])
+    .assert_ok();
+    d.qemu_io_fmt(
+        "qcow2",
+        "top.qcow2",
+        &["write -P 0x5a 3M 100k", "write -z 6M 1M"],
+    );
+    let r = d.rimg(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-B",
+        "o.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+        "b.qcow2",
+    ]);
+    c.check(r.ok(), || r.describe());
+    let chk = d.qemu(&["check", "b.qcow2"]);
+    c.check(chk.code() == Some(0), || chk.describe());
+    let cmp = d.qemu(&["compare", "top.qcow2", "b.qcow2"]);
+    c.check(cmp.code() == Some(0), || cmp.describe());
+    let size = d.qemu(&["info", "--output=json", "b.qcow2"]).out();
+    c.check(size.contains("\"backing-filename\": \"o.qcow2\""), || {
+        size.clone()
+    });
+    // resize: grow and shrink, then check and compare with qemu's own resize.
+    for op in [&["+3G"][..], &["--shrink", "20M"][..]] {
+        std::fs::copy(d.join("o.qcow2"), d.join("r1.qcow2")).expect("copy");
+        std::fs::copy(d.join("o.qcow2"), d.join("r2.qcow2")).expect("copy");
+        let mut a = vec!["resize", "-f", "qcow2"];
+        let mut b = a.clone();
+        a.push("r1.qcow2");
+        b.push("r2.qcow2");
+        a.extend_from_slice(op);
+        b.extend_from_slice(op);
+        let (q, r) = (d.qemu(&b), d.rimg(&a));
+        c.check(q.out() == r.out() && q.code() == r.code(), || {
+            format!("{}\n{}", q.describe(), r.describe())
+        });
+        let chk = d.qemu(&["check", "r1.qcow2"]);
+        c.check(chk.code() == Some(0), || chk.describe());
+        let cmp = d.qemu(&["compare", "-s", "r1.qcow2", "r2.qcow2"]);
+        c.check(cmp.code() == Some(0), || cmp.describe());
+    }
+    c.finish();
+}

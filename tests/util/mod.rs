@@ -595,6 +595,21 @@ impl Dir {
             .assert_ok();
     }
 
+    /// Run the real qemu-io on an image of format `fmt` here with `-c` commands; fails the
+    /// test on error.
+    pub fn qemu_io_fmt<S: AsRef<str>>(&self, fmt: &str, image: &str, commands: &[S]) {
+        let mut args: Vec<String> = vec!["-f".into(), fmt.into()];
+        for c in commands {
+            args.push("-c".into());
+            args.push(c.as_ref().to_string());
+        }
+        args.push(image.into());
+        Cmd::new(QEMU_IO, "qemu-io", &self.path)
+            .args(&args)
+            .run()
+            .assert_ok();
+    }
+
     /// A sparse file of `size` bytes (no data at all).
     pub fn sparse(&self, name: &str, size: u64) -> &Dir {
         let f = fs::File::create(self.join(name)).expect("create sparse file");
