@@ -506,6 +506,7 @@ impl Work for CompareWork {
                 None => Ok(self.mismatch),
             },
             payload: None,
+            zeros: Vec::new(),
         }
     }
 }

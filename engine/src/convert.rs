@@ -356,7 +356,13 @@ impl Planner<'_, '_> {
             Ok(salvaged) => {
                 self.salvaged += salvaged.unwrap_or(0);
                 if let Some(t) = ticket {
-                    if let Err(e) = self.writer.commit(&[t]) {
+                    // Clusters the unit found all-zero stay unallocated, as qemu-img leaves them.
+                    let r = if o.zeros.is_empty() {
+                        Ok(())
+                    } else {
+                        self.writer.release_unwritten(t, &o.zeros)
+                    };
+                    if let Err(e) = r.and_then(|()| self.writer.commit(&[t])) {
                         self.fail(e.into());
                     }
                 }
@@ -571,6 +577,7 @@ impl Planner<'_, '_> {
             outstanding: 0,
             err: None,
             salvaged: 0,
+            zeros: Vec::new(),
         });
         let _ = files;
         self.dispatch(w, Some(ticket), id, n);
@@ -658,6 +665,8 @@ struct CopyWork {
     outstanding: usize,
     err: Option<Error>,
     salvaged: u64,
+    /// guest ranges found all-zero and not written
+    zeros: Vec<(u64, u64)>,
 }
 
 impl CopyWork {
@@ -732,7 +741,11 @@ impl CopyWork {
             match self.detect {
                 Some(g) => {
                     let (skip, target_zero, ios) = (self.skip, self.target_zero, &mut self.ios);
-                    zero::runs(piece, self.guest + p_off as u64, g, |o, l, z| {
+                    let (guest0, zeros) = (self.guest + p_off as u64, &mut self.zeros);
+                    zero::runs(piece, guest0, g, |o, l, z| {
+                        if z && target_zero {
+                            zeros.push((guest0 + o as u64, l as u64));
+                        }
                         if !z {
                             ios.push_back(Io::Write {
                                 file,
@@ -994,6 +1007,7 @@ impl Work for CopyWork {
                 None => Ok(Some(self.salvaged)),
             },
             payload: None,
+            zeros: self.zeros,
         }
     }
 }
@@ -1050,6 +1064,7 @@ impl ActionWork {
                 outstanding: 0,
                 err: None,
                 salvaged: 0,
+                zeros: Vec::new(),
             },
         }
     }

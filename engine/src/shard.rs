@@ -27,6 +27,8 @@ pub(crate) struct Outcome {
     pub result: Result<Option<u64>>,
     /// bytes a unit produced for the planner (a compressed cluster)
     pub payload: Option<Payload>,
+    /// guest ranges a copy unit found all-zero and did not write (fresh targets)
+    pub zeros: Vec<(u64, u64)>,
 }
 
 /// What a compress unit hands back to the planner.

@@ -163,6 +163,7 @@ impl Work for CompressWork {
             bytes: self.len,
             result,
             payload,
+            zeros: Vec::new(),
         }
     }
 }
@@ -276,6 +277,7 @@ impl Work for WriteVecWork {
                 None => Ok(None),
             },
             payload: None,
+            zeros: Vec::new(),
         }
     }
 }

@@ -324,6 +324,13 @@ pub trait ImageWriter: Send {
     fn compression_unit(&self) -> Option<(u64, crate::extent::Codec)> {
         None
     }
+    /// Before `commit`: the engine wrote nothing to these guest ranges of `ticket` (they are
+    /// all zeros on a target that reads as zeros). A format may drop allocations wholly
+    /// inside them instead of publishing them. The default keeps everything.
+    fn release_unwritten(&mut self, ticket: Ticket, zeros: &[(u64, u64)]) -> Result<()> {
+        let _ = (ticket, zeros);
+        Ok(())
+    }
     /// Publish the metadata of allocations whose data writes have all completed.
     fn commit(&mut self, tickets: &[Ticket]) -> Result<()>;
     /// Make guest bytes `[off, off+len)` read as zeros. Appends host actions the engine must

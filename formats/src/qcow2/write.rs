@@ -405,6 +405,36 @@ impl Qcow2Writer {
 }
 
 impl ImageWriter for Qcow2Writer {
+    fn release_unwritten(&mut self, ticket: Ticket, zeros: &[(u64, u64)]) -> Result<()> {
+        if self.external {
+            return Ok(());
+        }
+        let cs = self.cs;
+        let size = self.header.size;
+        let Some(clusters) = self.tickets.get(&ticket.0).cloned() else {
+            return Ok(());
+        };
+        let mut keep = Vec::with_capacity(clusters.len());
+        for gc in clusters {
+            let start = gc * cs;
+            let end = (start + cs).min(size);
+            let covered: u64 = zeros
+                .iter()
+                .map(|&(s, l)| (s + l).min(end).saturating_sub(s.max(start)))
+                .sum();
+            if covered >= end - start {
+                // Never written and never published: give the cluster back.
+                if let Some(h) = self.pending.remove(&gc) {
+                    self.refs.set(h / cs, 0)?;
+                }
+            } else {
+                keep.push(gc);
+            }
+        }
+        self.tickets.insert(ticket.0, keep);
+        Ok(())
+    }
+
     fn compression_unit(&self) -> Option<(u64, crate::extent::Codec)> {
         (!self.external).then_some((self.cs, self.codec))
     }
