@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use rimg_formats::{Action, Image};
 
-use crate::convert::ActionWork;
+use crate::copy::ActionWork;
 use crate::files::{CacheMode, JobFiles};
 use crate::shard::Pool;
 use crate::{Engine, Error, Result};

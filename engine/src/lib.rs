@@ -15,6 +15,7 @@ pub mod actions;
 pub mod compare;
 mod compress;
 pub mod convert;
+mod copy;
 mod decompress;
 mod files;
 pub mod io;

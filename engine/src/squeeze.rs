@@ -12,7 +12,7 @@ use std::os::unix::fs::FileExt;
 use rimg_formats::Codec;
 
 use crate::compress::compress;
-use crate::convert::Src;
+use crate::copy::Src;
 use crate::decompress::read_compressed;
 use crate::files::{FileIdx, JobFiles};
 use crate::io::{Buf, OpKind};
