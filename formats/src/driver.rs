@@ -245,6 +245,11 @@ pub trait Image: Send + Sync {
     fn format_specific(&self) -> Option<serde_json::Value> {
         None
     }
+    /// Check the image's own consistency (`None`: the format has no checks, qemu-img's
+    /// exit 63).
+    fn check(&self) -> Option<Result<crate::qcow2::CheckReport>> {
+        None
+    }
     /// The internal snapshots, in table order.
     fn snapshots(&self) -> Vec<SnapshotInfo> {
         Vec::new()

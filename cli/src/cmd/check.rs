@@ -88,13 +88,99 @@ pub fn run(args: &[String]) -> Result<i32> {
         },
         o.has("force-share"),
     )?;
-    if chain.top().format() != "raw" {
-        // Reporting "no checks" for a format that has them would mislead callers.
-        anyhow::bail!(
-            "check is not implemented by rimg yet for {} images",
-            chain.top().format()
-        );
+    let quiet = o.has("quiet");
+    let json = output_format("check", o.get("output"))?;
+    let Some(result) = chain.top().check() else {
+        report("This image format does not support checks");
+        return Ok(63);
+    };
+    if o.has("repair") {
+        anyhow::bail!("repairing images is not supported by rimg yet");
     }
-    report("This image format does not support checks");
-    Ok(63)
+    let r = match result {
+        Ok(r) => r,
+        Err(e) => {
+            report(&format!("Check failed: {e}"));
+            return Ok(1);
+        }
+    };
+    for m in &r.messages {
+        eprintln!("{m}");
+    }
+    let path = &chain.layers()[0].filename;
+    if json {
+        let mut m = serde_json::Map::new();
+        m.insert("image-end-offset".into(), r.image_end_offset.into());
+        if r.compressed_clusters > 0 {
+            m.insert("compressed-clusters".into(), r.compressed_clusters.into());
+        }
+        m.insert("total-clusters".into(), r.total_clusters.into());
+        if r.corruptions > 0 {
+            m.insert("corruptions".into(), r.corruptions.into());
+        }
+        m.insert("check-errors".into(), r.check_errors.into());
+        if r.leaks > 0 {
+            m.insert("leaks".into(), r.leaks.into());
+        }
+        m.insert("allocated-clusters".into(), r.allocated_clusters.into());
+        m.insert("filename".into(), path.clone().into());
+        m.insert("format".into(), chain.top().format().into());
+        if r.fragmented_clusters > 0 {
+            m.insert("fragmented-clusters".into(), r.fragmented_clusters.into());
+        }
+        println!(
+            "{}",
+            crate::output::qemu_json(&serde_json::Value::Object(m))
+        );
+    } else if !quiet {
+        let mut s = String::new();
+        if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {
+            s.push_str("No errors were found on the image.\n");
+        } else {
+            if r.corruptions > 0 {
+                s.push_str(&format!(
+                    "\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n",
+                    r.corruptions
+                ));
+            }
+            if r.leaks > 0 {
+                s.push_str(&format!(
+                    "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n",
+                    r.leaks
+                ));
+            }
+        }
+        if r.total_clusters > 0 {
+            let pct = |n: u64| n as f64 * 100.0 / r.total_clusters as f64;
+            let frag = if r.allocated_clusters > 0 {
+                r.fragmented_clusters as f64 * 100.0 / r.allocated_clusters as f64
+            } else {
+                0.0
+            };
+            let comp = if r.allocated_clusters > 0 {
+                r.compressed_clusters as f64 * 100.0 / r.allocated_clusters as f64
+            } else {
+                0.0
+            };
+            s.push_str(&format!(
+                "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters\n",
+                r.allocated_clusters,
+                r.total_clusters,
+                pct(r.allocated_clusters),
+                frag,
+                comp
+            ));
+        }
+        s.push_str(&format!("Image end offset: {}\n", r.image_end_offset));
+        print!("{s}");
+    }
+    Ok(if r.check_errors > 0 {
+        1
+    } else if r.corruptions > 0 {
+        2
+    } else if r.leaks > 0 {
+        3
+    } else {
+        0
+    })
 }

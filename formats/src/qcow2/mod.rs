@@ -6,11 +6,13 @@
 //! compressed clusters, subclusters with extended L2 entries, clusters in an external data
 //! file — and never touches guest data itself.
 
+mod check;
 mod create;
 pub mod header;
 mod map;
 mod measure;
 pub mod options;
+pub use check::CheckReport;
 mod refcount;
 mod snapshot;
 mod write;
@@ -236,6 +238,10 @@ impl Image for Qcow2Image {
 
     fn virtual_size(&self) -> u64 {
         self.size
+    }
+
+    fn check(&self) -> Option<Result<CheckReport>> {
+        Some(self.check_refcounts())
     }
 
     fn snapshots(&self) -> Vec<crate::driver::SnapshotInfo> {
