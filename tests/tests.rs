@@ -8,6 +8,7 @@
 mod util;
 
 mod bad_input;
+mod bench;
 mod check_and_friends;
 mod cli_parsing;
 mod compare;

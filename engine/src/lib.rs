@@ -12,6 +12,7 @@
 #![deny(missing_docs)]
 
 pub mod actions;
+pub mod bench;
 pub mod compare;
 mod compress;
 pub mod convert;

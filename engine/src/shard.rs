@@ -145,7 +145,7 @@ impl Pool {
         let per_shard = (cfg.budget / n).max(min_per_shard);
         let chunks = per_shard / cfg.unit;
         let max_units = (chunks / bufs_per_unit.max(1)).max(1);
-        let depth = (max_units * 2).clamp(8, 256);
+        let depth = (max_units * 2).max(bufs_per_unit).clamp(8, 1024);
         let (res_tx, results) = unbounded();
         let (ready_tx, ready_rx) = unbounded::<Ready>();
         let cpus = std::thread::available_parallelism()

@@ -128,8 +128,13 @@ impl Error {
 /// Describe an `io::Error` the way QEMU's `strerror` wording does ("No such file or
 /// directory"), without Rust's " (os error 2)" suffix.
 pub fn strerror(e: &io::Error) -> String {
+    // std formats OS errors with the C library's strerror text plus " (os error N)".
+    let s = e.to_string();
     match e.raw_os_error() {
-        Some(code) => nix::errno::Errno::from_raw(code).desc().to_string(),
-        None => e.to_string(),
+        Some(code) => s
+            .strip_suffix(&format!(" (os error {code})"))
+            .map(str::to_string)
+            .unwrap_or(s),
+        None => s,
     }
 }

@@ -34,8 +34,106 @@ const HELP: &str = "Run a simple image benchmark.  Usage:
         [--flush-interval N [--no-drain]] [-q] [-U] [--object OBJDEF] FILE
 ";
 
+fn int_opt(name: &str, v: Option<&str>, default: u64, min: u64, max: u64) -> Result<u64> {
+    let Some(v) = v else { return Ok(default) };
+    match rimg_formats::opts::parse_size(v, 1) {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        Ok(_) | Err(rimg_formats::opts::SizeError::Overflow) => {
+            bail!("Invalid {name} specified. Must be between {min} and {max}.")
+        }
+        Err(_) => bail!("Invalid {name} specified: '{v}'."),
+    }
+}
+
 /// Run `bench`.
 pub fn run(args: &[String]) -> Result<i32> {
-    let _o = parse("bench", args, SPECS, HELP)?;
-    bail!("bench is not implemented by rimg yet")
+    let o = parse("bench", args, SPECS, HELP)?;
+    const IMAX: u64 = i32::MAX as u64;
+    let count = int_opt("request count", o.get("count"), 75000, 1, IMAX)?;
+    let depth = int_opt("queue depth", o.get("depth"), 64, 1, IMAX)?;
+    let size = int_opt("buffer size", o.get("buffer-size"), 4096, 1, IMAX)?;
+    let step = match o.get("step-size") {
+        Some(_) => int_opt("step size", o.get("step-size"), 0, 0, IMAX)?,
+        None => size,
+    };
+    let offset = int_opt("offset", o.get("offset"), 0, 0, i64::MAX as u64)?;
+    let write = o.has("write");
+    let pattern = match o.get("pattern") {
+        Some(p) => match p.parse::<u64>() {
+            Ok(n) if n <= 255 => n as u8,
+            _ => bail!("Invalid pattern byte specified. Must be between 0 and 255."),
+        },
+        None => 0,
+    };
+    if let Some(a) = o.get("aio") {
+        if !["threads", "native", "io_uring"].contains(&a) {
+            bail!("Invalid aio option: {a}");
+        }
+    }
+    let cache = match o.get("cache") {
+        Some(t) => {
+            crate::common::cache_mode(t).map_err(|_| anyhow::anyhow!("Invalid cache mode"))?
+        }
+        None => rimg_engine::CacheMode::Writeback,
+    };
+    let flush_interval = match o.get("flush-interval") {
+        Some(v) => {
+            let n = int_opt("flush interval", Some(v), 0, 0, IMAX)?;
+            if !write {
+                bail!("--flush-interval is only available in write tests");
+            }
+            if n < depth {
+                bail!("Flush interval can't be smaller than depth");
+            }
+            n
+        }
+        None => 0,
+    };
+    if o.pos.len() != 1 {
+        return Err(super::usage_error("bench", "Expecting one image file name"));
+    }
+    let spec = crate::common::ImageSpec::resolve(&o.pos[0], o.get("format"), o.has("image-opts"))?;
+    let access = if write {
+        rimg_formats::Access::Write
+    } else {
+        rimg_formats::Access::Read
+    };
+    let chain = spec.open_chain(access, o.has("force-share"))?;
+    if chain.top().format() != "raw" {
+        bail!(
+            "bench on {} images is not supported by rimg yet",
+            chain.top().format()
+        );
+    }
+    // qemu-img prints its two lines even with -q.
+    {
+        println!(
+            "Sending {count} {} requests, {size} bytes each, {depth} in parallel (starting at offset {offset}, step size {step})",
+            if write { "write" } else { "read" }
+        );
+    }
+    let r = rimg_engine::bench::bench(
+        chain.top(),
+        &rimg_engine::bench::BenchOptions {
+            count,
+            depth,
+            size,
+            step,
+            offset,
+            write,
+            pattern,
+            cache,
+            flush_interval,
+        },
+    );
+    match r {
+        Ok(r) => {
+            println!("Run completed in {:.3} seconds.", r.elapsed.as_secs_f64());
+            Ok(0)
+        }
+        Err(rimg_engine::Error::Io { source, .. }) => {
+            bail!("Failed request: {}", rimg_formats::error::strerror(&source))
+        }
+        Err(e) => bail!("{e}"),
+    }
 }

@@ -1,0 +1,100 @@
+//! `bench`: qemu-img's two output lines (time masked), validation errors and exit codes,
+//! and for `-w` the exact bytes written (checked by comparing the images afterwards).
+
+use crate::util::{Checks, Twin, M};
+
+fn mask(s: &str) -> String {
+    s.lines()
+        .map(|l| {
+            if l.starts_with("Run completed in ") {
+                "Run completed in T seconds.".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn bench_matches_qemu() {
+    let twin = Twin::new();
+    twin.each(|d| {
+        d.patterned("img", 16 * M, &[(0x11, 0, M), (0x22, 5 * M, 3 * M)]);
+    });
+    let mut c = Checks::new();
+    let cases: &[&[&str]] = &[
+        &["bench", "-f", "raw", "-c", "2000", "img"],
+        &[
+            "bench", "-f", "raw", "-c", "500", "-d", "4", "-s", "64k", "-S", "8k", "-o", "1M",
+            "img",
+        ],
+        &[
+            "bench",
+            "-f",
+            "raw",
+            "-w",
+            "-c",
+            "300",
+            "-s",
+            "16k",
+            "-S",
+            "40k",
+            "--pattern",
+            "7",
+            "img",
+        ],
+        &[
+            "bench", "-f", "raw", "-w", "-c", "100", "-o", "15M", "-S", "300k", "img",
+        ],
+        &[
+            "bench",
+            "-f",
+            "raw",
+            "-w",
+            "-c",
+            "64",
+            "--flush-interval",
+            "8",
+            "img",
+        ],
+        &["bench", "-f", "raw", "-q", "-c", "10", "img"],
+        &["bench", "-f", "raw", "-t", "none", "-c", "100", "img"],
+        &["bench", "-f", "raw", "-o", "16M", "-c", "1", "img"],
+        &["bench", "-f", "raw", "-c", "0", "img"],
+        &["bench", "-f", "raw", "-c", "x", "img"],
+        &["bench", "-f", "raw", "-d", "0", "img"],
+        &["bench", "-f", "raw", "-s", "0", "img"],
+        &["bench", "-f", "raw", "-i", "bogus", "img"],
+        &["bench", "-f", "raw", "-t", "bogus", "img"],
+        &["bench", "-f", "raw", "--pattern", "300", "-w", "img"],
+        &["bench", "-f", "raw", "--flush-interval", "5", "img"],
+        &["bench", "-f", "raw"],
+        &["bench", "--quiet", "img"],
+    ];
+    for args in cases {
+        let pair = twin.run(args);
+        c.no_panic(&pair.rimg);
+        c.check(
+            mask(&pair.qemu.out()) == mask(&pair.rimg.out())
+                && pair.qemu.err() == pair.rimg.err()
+                && pair.qemu.code() == pair.rimg.code(),
+            || {
+                format!(
+                    "`{}` differs\n{}{}",
+                    args.join(" "),
+                    pair.qemu.describe(),
+                    pair.rimg.describe()
+                )
+            },
+        );
+        let (q, r) = (
+            std::fs::read(twin.q.join("img")).unwrap_or_default(),
+            std::fs::read(twin.r.join("img")).unwrap_or_default(),
+        );
+        c.check(q == r, || {
+            format!("`{}`: the image differs afterwards", args.join(" "))
+        });
+    }
+    c.finish();
+}
