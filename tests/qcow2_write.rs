@@ -528,3 +528,33 @@ fn check_matches_qemu() {
     }
     c.finish();
 }
+
+/// Persistent bitmaps: `info` lists them as qemu-img does; writing is refused (it would
+/// leave them stale) and the image is left unchanged.
+#[test]
+fn bitmaps_listed_and_protected() {
+    let d = TestDir::new();
+    make_source(&d);
+    d.qemu(&["create", "-q", "-f", "qcow2", "bm.qcow2", "32M"])
+        .assert_ok();
+    d.qemu(&["bitmap", "--add", "bm.qcow2", "b0"]).assert_ok();
+    d.qemu(&["bitmap", "--add", "-g", "128k", "bm.qcow2", "b1"])
+        .assert_ok();
+    d.qemu(&["bitmap", "--disable", "bm.qcow2", "b1"])
+        .assert_ok();
+    let mut c = Checks::new();
+    for o in [&[][..], &["--output=json"][..]] {
+        let mut args = vec!["info"];
+        args.extend_from_slice(o);
+        args.push("bm.qcow2");
+        c.same(&d.both(&args));
+    }
+    let before = std::fs::read(d.join("bm.qcow2")).expect("read");
+    let r = d.rimg(&[
+        "convert", "-n", "-f", "raw", "-O", "qcow2", "src.raw", "bm.qcow2",
+    ]);
+    c.check(!r.ok() && r.err().lines().count() == 1, || r.describe());
+    let after = std::fs::read(d.join("bm.qcow2")).expect("read");
+    c.check(before == after, || "image changed".into());
+    c.finish();
+}

@@ -66,8 +66,13 @@ pub fn dump_human(out: &mut String, v: &Value, indent: usize) {
         Value::Array(a) => {
             for (i, item) in a.iter().enumerate() {
                 pad(out, indent * 4);
-                out.push_str(&format!("[{i}]:\n"));
-                dump_human(out, item, indent + 1);
+                if matches!(item, Value::Object(_) | Value::Array(_)) {
+                    out.push_str(&format!("[{i}]:\n"));
+                    dump_human(out, item, indent + 1);
+                } else {
+                    out.push_str(&format!("[{i}]: "));
+                    dump_human(out, item, indent);
+                }
             }
         }
         Value::String(s) => {

@@ -103,6 +103,8 @@ pub struct Qcow2Image {
     /// opened read-write
     write: bool,
     snapshots: Vec<crate::driver::SnapshotInfo>,
+    /// persistent bitmaps: (name, granularity, flags as QEMU names them)
+    bitmaps: Vec<(String, u64, Vec<&'static str>)>,
     /// virtual size as seen (a snapshot's own size when reading one)
     size: u64,
 }
@@ -173,6 +175,7 @@ impl Qcow2Image {
             None
         };
         let snapshots = snapshot::read_table(&file, &header)?;
+        let bitmaps = read_bitmap_directory(&file, &header, &ext)?;
         // The active L1 table, or the chosen snapshot's.
         let (l1_off, l1_size, size) = match &opts.snapshot {
             None => (header.l1_table_offset, header.l1_size, header.size),
@@ -221,6 +224,7 @@ impl Qcow2Image {
             data_file,
             write: opts.write(),
             snapshots,
+            bitmaps,
             size,
         })
     }
@@ -285,6 +289,16 @@ impl Image for Qcow2Image {
                 json!(h.compatible_features & compat::LAZY_REFCOUNTS != 0),
             );
         }
+        if !self.bitmaps.is_empty() {
+            let list: Vec<Value> = self
+                .bitmaps
+                .iter()
+                .map(|(name, gran, flags)| {
+                    json!({"flags": flags, "name": name, "granularity": gran})
+                })
+                .collect();
+            d.insert("bitmaps".into(), Value::Array(list));
+        }
         d.insert("refcount-bits".into(), json!(h.refcount_bits()));
         if h.version >= 3 {
             if let Some(df) = &self.ext.data_file {
@@ -308,6 +322,13 @@ impl Image for Qcow2Image {
     }
 
     fn writer(&self) -> Result<Box<dyn ImageWriter>> {
+        if !self.bitmaps.is_empty() {
+            // Writes would leave the bitmaps stale: refuse rather than corrupt them.
+            return Err(Error::Unsupported(
+                "writing to qcow2 images with persistent bitmaps is not supported by rimg yet"
+                    .into(),
+            ));
+        }
         if !self.write {
             return Err(Error::Unsupported(format!(
                 "'{}' was opened read-only",
@@ -322,4 +343,61 @@ impl Image for Qcow2Image {
             self.data_file,
         )?))
     }
+}
+
+/// The persistent bitmaps' directory (names, granularity, flags), when the bitmaps
+/// extension is present and marked consistent. Bounded as QEMU bounds it.
+fn read_bitmap_directory(
+    file: &FileLayer,
+    h: &Header,
+    ext: &Extensions,
+) -> Result<Vec<(String, u64, Vec<&'static str>)>> {
+    let Some(b) = &ext.bitmaps else {
+        return Ok(Vec::new());
+    };
+    if h.autoclear_features & autoclear::BITMAPS == 0 {
+        return Ok(Vec::new());
+    }
+    let bad = |what: &str| Error::Corrupt {
+        path: file.path().to_string(),
+        what: what.to_string(),
+    };
+    if b.nb_bitmaps > 65535 || b.directory_size > 64 << 20 {
+        return Err(bad("Bitmap directory too large"));
+    }
+    if b.directory_offset
+        .checked_add(b.directory_size)
+        .is_none_or(|e| e > file.len().unwrap_or(0))
+    {
+        return Err(bad("Bitmap directory is past the end of the file"));
+    }
+    let mut dir = vec![0u8; b.directory_size as usize];
+    file.read_exact_at(&mut dir, b.directory_offset, "bitmap directory")?;
+    let mut out = Vec::new();
+    let mut off = 0usize;
+    for _ in 0..b.nb_bitmaps {
+        if off + 24 > dir.len() {
+            return Err(bad("Bitmap directory entry out of bounds"));
+        }
+        let e = &dir[off..];
+        let flags = u32::from_be_bytes([e[12], e[13], e[14], e[15]]);
+        let gran_bits = u32::from(e[17]);
+        let name_len = usize::from(u16::from_be_bytes([e[18], e[19]]));
+        let extra = u32::from_be_bytes([e[20], e[21], e[22], e[23]]) as usize;
+        let end = 24 + extra + name_len;
+        if off + end > dir.len() || gran_bits > 63 {
+            return Err(bad("Bitmap directory entry out of bounds"));
+        }
+        let name = String::from_utf8_lossy(&e[24 + extra..end]).into_owned();
+        let mut fl = Vec::new();
+        if flags & 1 != 0 {
+            fl.push("in-use");
+        }
+        if flags & 2 != 0 {
+            fl.push("auto");
+        }
+        out.push((name, 1u64 << gran_bits, fl));
+        off += end.div_ceil(8) * 8;
+    }
+    Ok(out)
 }
