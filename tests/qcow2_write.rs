@@ -558,3 +558,35 @@ fn bitmaps_listed_and_protected() {
     c.check(before == after, || "image changed".into());
     c.finish();
 }
+
+/// `measure -O qcow2` from qcow2 sources: the `bitmaps` figure and data counted at the host
+/// file's allocation, for several target cluster sizes.
+#[test]
+fn measure_from_qcow2_sources() {
+    let d = TestDir::new();
+    d.qemu(&["create", "-q", "-f", "qcow2", "s.qcow2", "64M"])
+        .assert_ok();
+    d.qemu_io_fmt(
+        "qcow2",
+        "s.qcow2",
+        &[
+            "write -P 1 0 64k",
+            "write -c -P 2 1M 64k",
+            "write -P 3 3M 100k",
+            "write -P 4 63M 1M",
+        ],
+    );
+    d.qemu(&["bitmap", "--add", "s.qcow2", "b0"]).assert_ok();
+    let mut c = Checks::new();
+    for cs in ["64k", "4k", "512", "2M"] {
+        for o in [&[][..], &["--output=json"][..]] {
+            let opt = format!("cluster_size={cs}");
+            let mut args = vec!["measure", "-O", "qcow2", "-o", &opt];
+            args.extend_from_slice(o);
+            args.push("s.qcow2");
+            c.same(&d.both(&args));
+        }
+    }
+    c.same(&d.both(&["measure", "-O", "raw", "s.qcow2"]));
+    c.finish();
+}

@@ -4,7 +4,6 @@ use anyhow::{anyhow, bail, Result};
 use rimg_formats::opts::OptionMap;
 use rimg_formats::registry;
 use rimg_formats::Access;
-use serde_json::json;
 
 use super::parse;
 use crate::common::{output_format, report, ImageSpec};
@@ -82,12 +81,31 @@ pub fn run(args: &[String]) -> Result<i32> {
         super::create::print_option_help(driver, false);
         return Ok(0);
     }
+    // Persistent bitmaps of a qcow2 source: (granularity, name length) each.
+    let mut source_bitmaps: Option<Vec<(u64, usize)>> = None;
     let (size, allocated) = match (file, size_arg) {
         (None, Some(s)) => (super::create::parse_num("image size", s)?, None),
         (Some(f), _) => {
             let mut spec = ImageSpec::resolve(f, o.get("format"), o.has("image-opts"))?;
             spec.snapshot = o.get("snapshot").map(str::to_string);
             let chain = spec.open_chain(Access::Read, o.has("force-share"))?;
+            if chain.top().format() == "qcow2" {
+                let fs = chain.top().format_specific().unwrap_or_default();
+                let list = fs["data"]["bitmaps"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|b| {
+                                (
+                                    b["granularity"].as_u64().unwrap_or(65536),
+                                    b["name"].as_str().map_or(0, str::len),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                source_bitmaps = Some(list);
+            }
             let size = chain.virtual_size();
             (size, Some(data_ranges(&chain)?))
         }
@@ -100,13 +118,30 @@ pub fn run(args: &[String]) -> Result<i32> {
     let (required, full) = driver
         .measure(size, allocated.as_deref(), &opts)
         .map_err(|e| anyhow!("{e}"))?;
+    // qemu-img adds the space persistent bitmaps need when both ends are qcow2.
+    let bitmaps = match (&source_bitmaps, driver.name()) {
+        (Some(list), "qcow2") => {
+            let cs = opts
+                .get("cluster_size")
+                .and_then(|v| rimg_formats::opts::parse_size(v, 1).ok())
+                .unwrap_or(65536);
+            Some(bitmaps_size(size, cs, list))
+        }
+        _ => None,
+    };
     if json {
-        println!(
-            "{}",
-            qemu_json(&json!({"required": required, "fully-allocated": full}))
-        );
+        let mut m = serde_json::Map::new();
+        if let Some(b) = bitmaps {
+            m.insert("bitmaps".into(), b.into());
+        }
+        m.insert("required".into(), required.into());
+        m.insert("fully-allocated".into(), full.into());
+        println!("{}", qemu_json(&serde_json::Value::Object(m)));
     } else {
         println!("required size: {required}\nfully allocated size: {full}");
+        if let Some(b) = bitmaps {
+            println!("bitmaps size: {b}");
+        }
     }
     Ok(0)
 }
@@ -124,20 +159,50 @@ fn data_ranges(chain: &rimg_formats::Chain) -> Result<Vec<(u64, u64)>> {
             break;
         }
         let mut pos = off;
+        let push = |out: &mut Vec<(u64, u64)>, s0: u64, l0: u64| match out.last_mut() {
+            Some((s, l)) if *s + *l == s0 => *l += l0,
+            _ => out.push((s0, l0)),
+        };
         for ce in &exts {
             let len = ce.extent.len();
-            if matches!(
-                ce.extent,
-                rimg_formats::Extent::Data { .. } | rimg_formats::Extent::Compressed { .. }
-            ) {
-                match out.last_mut() {
-                    Some((s, l)) if *s + *l == pos => *l += len,
-                    _ => out.push((pos, len)),
+            match ce.extent {
+                rimg_formats::Extent::Compressed { .. } => push(&mut out, pos, len),
+                rimg_formats::Extent::Data { file, host, .. } => {
+                    // Like qemu's block status, holes in the host file read as zeros.
+                    let f = &chain.layers()[ce.depth].image.files()[file.0 as usize];
+                    let mut h = host.0;
+                    let end = host.0 + len;
+                    while h < end {
+                        match f.next_data(h)? {
+                            Some((s, e)) if s < end => {
+                                let e = e.min(end);
+                                push(&mut out, pos + (s - host.0), e - s);
+                                h = e;
+                            }
+                            _ => break,
+                        }
+                    }
                 }
+                _ => {}
             }
             pos += len;
         }
         off += n;
     }
     Ok(out)
+}
+
+/// Bytes the persistent bitmaps of an image of `size` bytes need in a qcow2 target with
+/// clusters of `cs` bytes: per bitmap its data clusters and bitmap table, plus the
+/// bitmap directory.
+fn bitmaps_size(size: u64, cs: u64, bitmaps: &[(u64, usize)]) -> u64 {
+    let mut clusters = 0;
+    let mut dir = 0u64;
+    for &(gran, name_len) in bitmaps {
+        let bits = size.div_ceil(gran.max(1));
+        let data = bits.div_ceil(8).div_ceil(cs);
+        clusters += data + (data * 8).div_ceil(cs);
+        dir += (24 + name_len as u64).div_ceil(8) * 8;
+    }
+    (clusters + dir.div_ceil(cs)) * cs
 }
