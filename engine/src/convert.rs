@@ -89,7 +89,10 @@ pub fn convert(
     target: Target<'_>,
     opts: &ConvertOptions<'_>,
 ) -> Result<Stats> {
-    let unit = engine.config().unit as u64;
+    // A transfer unit covers at least one target cluster, so a unit that finds a whole
+    // cluster of zeros can leave it unallocated (2 MiB qcow2 clusters).
+    let unit =
+        (engine.config().unit as u64).max(target.image.cluster_size().unwrap_or(0).min(4 << 20));
     let total: u64 = sources.iter().map(|s| s.len).sum();
 
     // File table: every layer file of every source, then the target's files.
@@ -113,7 +116,7 @@ pub fn convert(
         dst_idx.push(i);
     }
     let files = Arc::new(files);
-    let mut pool = Pool::start(engine, files.clone(), usize::MAX, 1)?;
+    let mut pool = Pool::start_with_unit(engine, files.clone(), usize::MAX, 1, unit as usize)?;
     let max_inflight = opts.parallel.max(1) * 2;
 
     let mut plan = Planner {

@@ -134,16 +134,33 @@ impl Pool {
         max_shards: usize,
         bufs_per_unit: usize,
     ) -> Result<Pool> {
+        Pool::start_with_unit(
+            engine,
+            files,
+            max_shards,
+            bufs_per_unit,
+            engine.config().unit,
+        )
+    }
+
+    /// As [`Pool::start`], with buffers of `unit` bytes instead of the configured size.
+    pub fn start_with_unit(
+        engine: &Engine,
+        files: Arc<JobFiles>,
+        max_shards: usize,
+        bufs_per_unit: usize,
+        unit: usize,
+    ) -> Result<Pool> {
         let cfg = engine.config();
         // Every shard needs room for two units; the budget bounds the shard count, so the
         // total stays within it whatever the core count.
-        let min_per_shard = cfg.unit * 2 * bufs_per_unit.max(1);
+        let min_per_shard = unit * 2 * bufs_per_unit.max(1);
         let n = engine
             .shard_count()
             .min(max_shards.max(1))
             .min((cfg.budget / min_per_shard).max(1));
         let per_shard = (cfg.budget / n).max(min_per_shard);
-        let chunks = per_shard / cfg.unit;
+        let chunks = per_shard / unit;
         let max_units = (chunks / bufs_per_unit.max(1)).max(1);
         let depth = (max_units * 2).max(bufs_per_unit).clamp(8, 1024);
         let (res_tx, results) = unbounded();
@@ -159,7 +176,6 @@ impl Pool {
             let res_tx = res_tx.clone();
             let ready_tx = ready_tx.clone();
             let backend = cfg.backend;
-            let unit = cfg.unit;
             let pin = n <= cpus;
             let h = std::thread::Builder::new()
                 .name(format!("rimg-shard-{i}"))
@@ -224,7 +240,7 @@ impl Pool {
             },
             if registered { "" } else { "not " },
             chunks,
-            cfg.unit >> 10
+            unit >> 10
         ));
         Ok(Pool {
             txs,
