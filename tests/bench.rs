@@ -98,3 +98,48 @@ fn bench_matches_qemu() {
     }
     c.finish();
 }
+
+/// rimg's additions: `--output=json` (requests, bytes, IOPS, latency percentiles, engine
+/// path) and `--verbose` (qemu-img's two lines, then the latency summary).
+#[test]
+fn bench_json_and_verbose() {
+    let d = crate::util::TestDir::new();
+    d.patterned("img", 8 * M, &[(0x11, 0, M)]);
+    let mut c = Checks::new();
+    let r = d.rimg(&[
+        "bench",
+        "-f",
+        "raw",
+        "-c",
+        "500",
+        "-d",
+        "8",
+        "--output=json",
+        "img",
+    ]);
+    c.check(r.ok(), || r.describe());
+    let v: serde_json::Value = serde_json::from_str(&r.out()).unwrap_or_default();
+    c.check(v["requests"] == 500 && v["bytes"] == 500 * 4096, || {
+        r.describe()
+    });
+    for k in ["min", "p50", "p90", "p99", "p99.9", "max"] {
+        c.check(v["latency-ns"][k].as_u64().is_some_and(|n| n > 0), || {
+            format!("latency {k} missing\n{}", r.describe())
+        });
+    }
+    c.check(
+        v["engine"].as_array().is_some_and(|a| !a.is_empty()),
+        || r.describe(),
+    );
+    let r = d.rimg(&["bench", "-f", "raw", "-c", "100", "--verbose", "img"]);
+    let lines: Vec<String> = r.out().lines().map(str::to_string).collect();
+    c.check(
+        r.ok()
+            && lines.len() >= 3
+            && lines[0].starts_with("Sending 100 read requests")
+            && lines[1].starts_with("Run completed in ")
+            && lines[2].starts_with("latency (us): min "),
+        || r.describe(),
+    );
+    c.finish();
+}

@@ -14,6 +14,9 @@ pub struct OptSpec {
     pub long: &'static str,
     /// takes an argument
     pub arg: bool,
+    /// matched only when spelled out (rimg's additions to qemu-img's tables, so qemu-img's
+    /// abbreviations keep meaning what they mean there)
+    pub exact: bool,
 }
 
 /// Shorthand constructor: `o('f', "format", true)`; use `'\0'` for "no short letter".
@@ -22,6 +25,17 @@ pub const fn o(short: char, long: &'static str, arg: bool) -> OptSpec {
         short: if short == '\0' { None } else { Some(short) },
         long,
         arg,
+        exact: false,
+    }
+}
+
+/// A long-only option rimg adds to a qemu-img command: never matched by a prefix.
+pub const fn extra(long: &'static str, arg: bool) -> OptSpec {
+    OptSpec {
+        short: None,
+        long,
+        arg,
+        exact: true,
     }
 }
 
@@ -177,10 +191,6 @@ fn parse_element(
     Ok(false)
 }
 
-/// rimg's own additions to qemu-img's tables: matched only when spelled out, so qemu-img's
-/// abbreviations (`--v` for `--version`) keep meaning what they mean there.
-const NO_ABBREV: &[&str] = &["verbose"];
-
 fn find_long(specs: &[OptSpec], name: &str, arg: &str) -> Result<usize, UsageError> {
     if let Some(i) = specs
         .iter()
@@ -192,10 +202,7 @@ fn find_long(specs: &[OptSpec], name: &str, arg: &str) -> Result<usize, UsageErr
         .iter()
         .enumerate()
         .filter(|(_, s)| {
-            !s.long.is_empty()
-                && !name.is_empty()
-                && s.long.starts_with(name)
-                && !NO_ABBREV.contains(&s.long)
+            !s.long.is_empty() && !name.is_empty() && s.long.starts_with(name) && !s.exact
         })
         .map(|(i, _)| i)
         .collect();

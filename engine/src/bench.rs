@@ -8,6 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::sync::Mutex;
+
+use hdrhistogram::Histogram;
 use rimg_formats::Image;
 
 use crate::files::{CacheMode, FileIdx, JobFiles};
@@ -39,10 +42,14 @@ pub struct BenchOptions {
 }
 
 /// The result of a run.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct BenchResult {
     /// wall time of the run
     pub elapsed: Duration,
+    /// request latencies in nanoseconds, merged from every shard
+    pub latency: Histogram<u64>,
+    /// the I/O path the shards used (backend, registered buffers, O_DIRECT)
+    pub path: Vec<String>,
 }
 
 struct Shared {
@@ -101,6 +108,7 @@ pub fn bench(image: &dyn Image, opts: &BenchOptions) -> Result<BenchResult> {
         pattern: opts.pattern,
         flush_interval: opts.flush_interval,
     });
+    let merged = Arc::new(Mutex::new(new_histogram()));
     let started = Instant::now();
     let pool = Pool::start(&engine, files.clone(), shards, per_shard)?;
     let n = shards.min(opts.count as usize).max(1);
@@ -113,6 +121,10 @@ pub fn bench(image: &dyn Image, opts: &BenchOptions) -> Result<BenchResult> {
                 depth: per_shard,
                 outstanding: 0,
                 err: None,
+                starts: vec![None; per_shard],
+                free: (0..per_shard as u16).collect(),
+                hist: new_histogram(),
+                merged: merged.clone(),
             }),
         );
     }
@@ -135,13 +147,24 @@ pub fn bench(image: &dyn Image, opts: &BenchOptions) -> Result<BenchResult> {
         return Err(e);
     }
     files.flush()?;
+    let elapsed = started.elapsed();
+    let latency = merged.lock().unwrap_or_else(|e| e.into_inner()).clone();
     Ok(BenchResult {
-        elapsed: started.elapsed(),
+        elapsed,
+        latency,
+        path: engine.notes(),
     })
 }
 
-const TAG_IO: u16 = 0;
-const TAG_FLUSH: u16 = 1;
+/// A histogram of nanosecond latencies, 1 ns .. 1 hour, 3 significant digits.
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000_000, 3)
+        .or_else(|_| Histogram::new(3))
+        .unwrap_or_else(|_| Histogram::new_with_max(1 << 40, 2).expect("valid histogram bounds"))
+}
+
+/// Tag of flush ops; request ops are tagged with their slot number.
+const TAG_FLUSH: u16 = u16::MAX;
 
 /// One shard's share of a bench run.
 struct BenchWork {
@@ -150,6 +173,14 @@ struct BenchWork {
     depth: usize,
     outstanding: usize,
     err: Option<Error>,
+    /// submit time of the request in each slot
+    starts: Vec<Option<Instant>>,
+    /// free slots
+    free: Vec<u16>,
+    /// this shard's latencies
+    hist: Histogram<u64>,
+    /// where they go at the end
+    merged: Arc<Mutex<Histogram<u64>>>,
 }
 
 impl BenchWork {
@@ -184,6 +215,10 @@ impl BenchWork {
             self.outstanding += 1;
         }
         buf.set_len(size as usize);
+        let Some(tag) = self.free.pop() else {
+            return Some(buf);
+        };
+        self.starts[tag as usize] = Some(Instant::now());
         let slot = cx.files.slot(self.file, off, size);
         let kind = if sh.write {
             OpKind::Write {
@@ -200,7 +235,7 @@ impl BenchWork {
                 buf,
             }
         };
-        cx.submit(TAG_IO, kind);
+        cx.submit(tag, kind);
         self.outstanding += 1;
         None
     }
@@ -244,7 +279,12 @@ impl Work for BenchWork {
                 source: e,
             });
         }
-        if tag == TAG_IO {
+        if tag != TAG_FLUSH {
+            if let Some(t0) = self.starts.get_mut(tag as usize).and_then(Option::take) {
+                let ns = t0.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+                let _ = self.hist.record(ns.max(1));
+            }
+            self.free.push(tag);
             if let Some(mut b) = buf {
                 if self.shared.write {
                     b.set_len(b.capacity());
@@ -263,6 +303,9 @@ impl Work for BenchWork {
     }
 
     fn finish(self: Box<Self>) -> Outcome {
+        if let Ok(mut m) = self.merged.lock() {
+            let _ = m.add(&self.hist);
+        }
         Outcome {
             id: 0,
             bytes: 0,

@@ -25,6 +25,9 @@ const SPECS: &[OptSpec] = &[
     o('\0', "no-drain", false),
     o('\0', "pattern", true),
     o('\0', "object", true),
+    // rimg's additions (never matched by an abbreviation)
+    crate::getopt::extra("output", true),
+    crate::getopt::extra("verbose", false),
 ];
 
 const HELP: &str = "Run a simple image benchmark.  Usage:
@@ -105,8 +108,10 @@ pub fn run(args: &[String]) -> Result<i32> {
             chain.top().format()
         );
     }
+    let json = crate::common::output_format("bench", o.get("output"))?;
+    let verbose = o.has("verbose") || crate::common::verbose();
     // qemu-img prints its two lines even with -q.
-    {
+    if !json {
         println!(
             "Sending {count} {} requests, {size} bytes each, {depth} in parallel (starting at offset {offset}, step size {step})",
             if write { "write" } else { "read" }
@@ -128,7 +133,45 @@ pub fn run(args: &[String]) -> Result<i32> {
     );
     match r {
         Ok(r) => {
-            println!("Run completed in {:.3} seconds.", r.elapsed.as_secs_f64());
+            let secs = r.elapsed.as_secs_f64();
+            let h = &r.latency;
+            let pct = |q: f64| h.value_at_quantile(q);
+            if json {
+                let v = serde_json::json!({
+                    "requests": count,
+                    "bytes": count * size,
+                    "write": write,
+                    "seconds": secs,
+                    "iops": count as f64 / secs.max(1e-9),
+                    "mib-per-second": (count * size) as f64 / (1 << 20) as f64 / secs.max(1e-9),
+                    "latency-ns": {
+                        "min": h.min(),
+                        "p50": pct(0.5),
+                        "p90": pct(0.9),
+                        "p99": pct(0.99),
+                        "p99.9": pct(0.999),
+                        "max": h.max(),
+                    },
+                    "engine": r.path,
+                });
+                println!("{}", crate::output::qemu_json(&v));
+            } else {
+                println!("Run completed in {secs:.3} seconds.");
+                if verbose {
+                    println!(
+                        "latency (us): min {:.1} p50 {:.1} p90 {:.1} p99 {:.1} p99.9 {:.1} max {:.1}",
+                        h.min() as f64 / 1e3,
+                        pct(0.5) as f64 / 1e3,
+                        pct(0.9) as f64 / 1e3,
+                        pct(0.99) as f64 / 1e3,
+                        pct(0.999) as f64 / 1e3,
+                        h.max() as f64 / 1e3
+                    );
+                    for n in &r.path {
+                        println!("engine: {n}");
+                    }
+                }
+            }
             Ok(0)
         }
         Err(rimg_engine::Error::Io { source, .. }) => {

@@ -137,7 +137,7 @@ const GLOBAL: &[OptSpec] = &[
     getopt::o('h', "help", false),
     getopt::o('V', "version", false),
     getopt::o('T', "trace", true),
-    getopt::o('\0', "verbose", false),
+    getopt::extra("verbose", false),
 ];
 
 /// Run the program with `args` (without argv[0]); returns the exit code.
