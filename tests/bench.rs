@@ -143,3 +143,48 @@ fn bench_json_and_verbose() {
     );
     c.finish();
 }
+
+/// `--random` writes a reproducible pattern (same seed, same bytes) inside the image;
+/// `--time` runs for about that long and reports the requests it completed.
+#[test]
+fn bench_random_and_time() {
+    let d = crate::util::TestDir::new();
+    let mut c = Checks::new();
+    for name in ["a", "b"] {
+        d.sparse(name, 4 * M);
+        let r = d.rimg(&[
+            "bench",
+            "-f",
+            "raw",
+            "-w",
+            "--random",
+            "--seed",
+            "42",
+            "-c",
+            "200",
+            "--pattern",
+            "5",
+            name,
+        ]);
+        c.check(r.ok(), || r.describe());
+    }
+    let (a, b) = (
+        std::fs::read(d.join("a")).unwrap_or_default(),
+        std::fs::read(d.join("b")).unwrap_or_default(),
+    );
+    c.check(a == b && a.len() == (4 * M) as usize, || {
+        "random pattern not reproducible".into()
+    });
+    c.check(a.contains(&5), || "nothing written".into());
+    let r = d.rimg(&["bench", "-f", "raw", "--time", "0.3", "--output=json", "a"]);
+    let v: serde_json::Value = serde_json::from_str(&r.out()).unwrap_or_default();
+    c.check(
+        r.ok()
+            && v["requests"].as_u64().is_some_and(|n| n > 0)
+            && v["seconds"]
+                .as_f64()
+                .is_some_and(|s| (0.3..5.0).contains(&s)),
+        || r.describe(),
+    );
+    c.finish();
+}

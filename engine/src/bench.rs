@@ -39,6 +39,11 @@ pub struct BenchOptions {
     pub cache: CacheMode,
     /// fsync every N requests (0: never)
     pub flush_interval: u64,
+    /// random offsets: a seeded pattern of `step`-aligned offsets in
+    /// `[offset, image size - size]` instead of the sequential walk
+    pub random: Option<u64>,
+    /// stop issuing requests after this long (the count is then an upper bound)
+    pub time_limit: Option<Duration>,
 }
 
 /// The result of a run.
@@ -46,6 +51,8 @@ pub struct BenchOptions {
 pub struct BenchResult {
     /// wall time of the run
     pub elapsed: Duration,
+    /// requests completed
+    pub requests: u64,
     /// request latencies in nanoseconds, merged from every shard
     pub latency: Histogram<u64>,
     /// the I/O path the shards used (backend, registered buffers, O_DIRECT)
@@ -62,12 +69,25 @@ struct Shared {
     write: bool,
     pattern: u8,
     flush_interval: u64,
+    random: Option<u64>,
+    deadline: Option<Instant>,
+    done: AtomicU64,
 }
 
 impl Shared {
     /// Offset of request `i`: the first at `offset`, then `step` further each time, taken
     /// modulo the image size (as qemu-img bench advances it).
     fn offset_of(&self, i: u64) -> u64 {
+        if let Some(seed) = self.random {
+            // splitmix64 of (seed, i): a reproducible pattern over the range.
+            let align = self.step.max(1);
+            let span = self.image_size.saturating_sub(self.offset + self.size) / align + 1;
+            let mut z = seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            return self.offset + (z % span) * align;
+        }
         if i == 0 || self.image_size == 0 {
             return self.offset;
         }
@@ -97,6 +117,8 @@ pub fn bench(image: &dyn Image, opts: &BenchOptions) -> Result<BenchResult> {
         files.mark_written(f);
     }
     let files = Arc::new(files);
+    let merged = Arc::new(Mutex::new(new_histogram()));
+    let started = Instant::now();
     let shared = Arc::new(Shared {
         next: AtomicU64::new(0),
         count: opts.count,
@@ -107,9 +129,10 @@ pub fn bench(image: &dyn Image, opts: &BenchOptions) -> Result<BenchResult> {
         write: opts.write,
         pattern: opts.pattern,
         flush_interval: opts.flush_interval,
+        random: opts.random,
+        deadline: opts.time_limit.map(|t| started + t),
+        done: AtomicU64::new(0),
     });
-    let merged = Arc::new(Mutex::new(new_histogram()));
-    let started = Instant::now();
     let pool = Pool::start(&engine, files.clone(), shards, per_shard)?;
     let n = shards.min(opts.count as usize).max(1);
     for s in 0..n {
@@ -151,6 +174,7 @@ pub fn bench(image: &dyn Image, opts: &BenchOptions) -> Result<BenchResult> {
     let latency = merged.lock().unwrap_or_else(|e| e.into_inner()).clone();
     Ok(BenchResult {
         elapsed,
+        requests: shared.done.load(Ordering::Relaxed),
         latency,
         path: engine.notes(),
     })
@@ -189,6 +213,9 @@ impl BenchWork {
             return Some(buf);
         }
         let sh = &self.shared;
+        if sh.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Some(buf);
+        }
         let i = sh.next.fetch_add(1, Ordering::Relaxed);
         if i >= sh.count {
             return Some(buf);
@@ -280,6 +307,7 @@ impl Work for BenchWork {
             });
         }
         if tag != TAG_FLUSH {
+            self.shared.done.fetch_add(1, Ordering::Relaxed);
             if let Some(t0) = self.starts.get_mut(tag as usize).and_then(Option::take) {
                 let ns = t0.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
                 let _ = self.hist.record(ns.max(1));

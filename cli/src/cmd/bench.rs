@@ -28,6 +28,9 @@ const SPECS: &[OptSpec] = &[
     // rimg's additions (never matched by an abbreviation)
     crate::getopt::extra("output", true),
     crate::getopt::extra("verbose", false),
+    crate::getopt::extra("random", false),
+    crate::getopt::extra("seed", true),
+    crate::getopt::extra("time", true),
 ];
 
 const HELP: &str = "Run a simple image benchmark.  Usage:
@@ -52,7 +55,36 @@ fn int_opt(name: &str, v: Option<&str>, default: u64, min: u64, max: u64) -> Res
 pub fn run(args: &[String]) -> Result<i32> {
     let o = parse("bench", args, SPECS, HELP)?;
     const IMAX: u64 = i32::MAX as u64;
-    let count = int_opt("request count", o.get("count"), 75000, 1, IMAX)?;
+    // --time (rimg): run for that long; the count is then an upper bound.
+    let time_limit = match o.get("time") {
+        Some(t) => match t.parse::<f64>() {
+            Ok(secs) if secs > 0.0 && secs.is_finite() => {
+                Some(std::time::Duration::from_secs_f64(secs))
+            }
+            _ => bail!("Invalid time specified: '{t}'."),
+        },
+        None => None,
+    };
+    let default_count = if time_limit.is_some() {
+        u64::MAX
+    } else {
+        75000
+    };
+    let count = match o.get("count") {
+        Some(_) => int_opt("request count", o.get("count"), 75000, 1, IMAX)?,
+        None => default_count,
+    };
+    let random = if o.has("random") {
+        Some(int_opt(
+            "seed",
+            o.get("seed").or(Some("1")),
+            1,
+            0,
+            u64::MAX,
+        )?)
+    } else {
+        None
+    };
     let depth = int_opt("queue depth", o.get("depth"), 64, 1, IMAX)?;
     let size = int_opt("buffer size", o.get("buffer-size"), 4096, 1, IMAX)?;
     let step = match o.get("step-size") {
@@ -112,9 +144,20 @@ pub fn run(args: &[String]) -> Result<i32> {
     let verbose = o.has("verbose") || crate::common::verbose();
     // qemu-img prints its two lines even with -q.
     if !json {
+        let what = if write { "write" } else { "read" };
+        let n = match time_limit {
+            Some(t) if o.get("count").is_none() => {
+                format!("{what} requests for {} seconds", t.as_secs_f64())
+            }
+            _ => format!("{count} {what} requests"),
+        };
+        let pattern_word = if random.is_some() {
+            "random offsets from"
+        } else {
+            "starting at"
+        };
         println!(
-            "Sending {count} {} requests, {size} bytes each, {depth} in parallel (starting at offset {offset}, step size {step})",
-            if write { "write" } else { "read" }
+            "Sending {n}, {size} bytes each, {depth} in parallel ({pattern_word} offset {offset}, step size {step})"
         );
     }
     let r = rimg_engine::bench::bench(
@@ -129,6 +172,8 @@ pub fn run(args: &[String]) -> Result<i32> {
             pattern,
             cache,
             flush_interval,
+            random,
+            time_limit,
         },
     );
     match r {
@@ -138,12 +183,12 @@ pub fn run(args: &[String]) -> Result<i32> {
             let pct = |q: f64| h.value_at_quantile(q);
             if json {
                 let v = serde_json::json!({
-                    "requests": count,
-                    "bytes": count * size,
+                    "requests": r.requests,
+                    "bytes": r.requests * size,
                     "write": write,
                     "seconds": secs,
-                    "iops": count as f64 / secs.max(1e-9),
-                    "mib-per-second": (count * size) as f64 / (1 << 20) as f64 / secs.max(1e-9),
+                    "iops": r.requests as f64 / secs.max(1e-9),
+                    "mib-per-second": (r.requests * size) as f64 / (1 << 20) as f64 / secs.max(1e-9),
                     "latency-ns": {
                         "min": h.min(),
                         "p50": pct(0.5),
