@@ -227,6 +227,11 @@ pub fn cache_mode(v: &str) -> Result<rimg_engine::CacheMode> {
     rimg_engine::CacheMode::parse(v).ok_or_else(|| anyhow!("Invalid cache option: {v}"))
 }
 
+/// Parse a source cache mode argument (`-T`), with qemu-img's wording for a bad one.
+pub fn source_cache_mode(v: &str) -> Result<rimg_engine::CacheMode> {
+    rimg_engine::CacheMode::parse(v).ok_or_else(|| anyhow!("Invalid source cache option: {v}"))
+}
+
 /// QEMU marks an image corrupt and prints this line (on stderr, without the program name)
 /// when a lookup meets an inconsistent structure; rimg prints the same before failing.
 pub fn report_corrupt(e: &rimg_formats::Error) -> bool {

@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use rimg_formats::{Chain, ChainExtent, Extent, GuestOff};
 
-use crate::decompress::{read_compressed, CompressedSrc};
+use crate::copy::Src;
+use crate::decompress::read_compressed;
 use crate::files::{CacheMode, FileIdx, JobFiles};
 use crate::io::{Buf, OpKind};
 use crate::shard::{Cx, Outcome, Pool, Step, Work};
@@ -52,35 +53,6 @@ fn status(ce: &ChainExtent, layers: usize, off: u64, size: u64) -> (bool, bool, 
         Extent::Data { .. } | Extent::Compressed { .. } => (true, true, false, eof),
         Extent::Zero { .. } => (true, false, true, eof),
         _ => (ce.depth < layers, false, true, eof),
-    }
-}
-
-/// Where a side's bytes are, if it has data: (file, host offset).
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Side {
-    /// no data: reads as zeros
-    Zero,
-    /// verbatim at (file, host offset)
-    Data(FileIdx, u64),
-    /// a compressed unit
-    Compressed(CompressedSrc),
-}
-
-impl Side {
-    fn has_data(&self) -> bool {
-        *self != Side::Zero
-    }
-
-    /// The side `n` guest bytes further on.
-    fn advance(self, n: u64) -> Side {
-        match self {
-            Side::Zero => Side::Zero,
-            Side::Data(f, h) => Side::Data(f, h + n),
-            Side::Compressed(mut c) => {
-                c.skip += n;
-                Side::Compressed(c)
-            }
-        }
     }
 }
 
@@ -129,30 +101,7 @@ pub fn compare(
         total,
         progress: opts.progress,
     };
-    let side = |k: usize, ce: &ChainExtent| -> Result<Side> {
-        Ok(match ce.extent {
-            Extent::Data { file, host, .. } => {
-                Side::Data(idx[k][ce.depth][file.0 as usize], host.0)
-            }
-            Extent::Compressed {
-                file,
-                host,
-                clen_max,
-                codec,
-                unit,
-                skip,
-                ..
-            } => Side::Compressed(CompressedSrc {
-                file: idx[k][ce.depth][file.0 as usize],
-                host: host.0,
-                clen_max,
-                codec,
-                unit,
-                skip,
-            }),
-            _ => Side::Zero,
-        })
-    };
+    let side = |k: usize, ce: &ChainExtent| Src::from_extent(ce, &idx[k]);
 
     // Common part, in lockstep.
     let common = sa.min(sb);
@@ -188,8 +137,8 @@ pub fn compare(
             status_mismatch = Some(off);
             break;
         }
-        let (da, db) = (side(0, xa)?, side(1, xb)?);
-        if da.has_data() || db.has_data() {
+        let (da, db) = (side(0, xa), side(1, xb));
+        if da != Src::Zeros || db != Src::Zeros {
             let mut d = 0;
             while d < n {
                 let g = off + d;
@@ -251,13 +200,13 @@ pub fn compare(
             }
             for ce in &ex {
                 let n = ce.extent.len();
-                let s = side(k, ce)?;
-                if s.has_data() {
+                let s = side(k, ce);
+                if s != Src::Zeros {
                     let mut d = 0;
                     while d < n {
                         let g = off + d;
                         let m = (unit - g % unit).min(n - d);
-                        run.send(Box::new(CompareWork::new(g, m, s.advance(d), Side::Zero)));
+                        run.send(Box::new(CompareWork::new(g, m, s.advance(d), Src::Zeros)));
                         d += m;
                     }
                 } else {
@@ -337,7 +286,7 @@ impl Run<'_> {
 struct CompareWork {
     guest: u64,
     len: u64,
-    sides: [Side; 2],
+    sides: [Src; 2],
     bufs: [Option<Buf>; 2],
     skips: [usize; 2],
     outstanding: usize,
@@ -346,7 +295,7 @@ struct CompareWork {
 }
 
 impl CompareWork {
-    fn new(guest: u64, len: u64, a: Side, b: Side) -> CompareWork {
+    fn new(guest: u64, len: u64, a: Src, b: Src) -> CompareWork {
         CompareWork {
             guest,
             len,
@@ -365,7 +314,7 @@ impl CompareWork {
     }
 
     fn judge(&mut self) {
-        let first_diff = match (self.sides[0].has_data(), self.sides[1].has_data()) {
+        let first_diff = match (self.sides[0] != Src::Zeros, self.sides[1] != Src::Zeros) {
             (true, true) => {
                 let (x, y) = (self.data(0), self.data(1));
                 if x == y {
@@ -375,7 +324,7 @@ impl CompareWork {
                 }
             }
             (true, false) | (false, true) => {
-                let k = usize::from(!self.sides[0].has_data());
+                let k = usize::from(self.sides[0] == Src::Zeros);
                 let d = self.data(k);
                 if zero::is_zero(d) {
                     None
@@ -413,9 +362,9 @@ impl Work for CompareWork {
     fn start(&mut self, cx: &mut Cx<'_>) -> Step {
         for k in 0..2 {
             let (file, host) = match self.sides[k] {
-                Side::Zero => continue,
-                Side::Data(f, h) => (f, h),
-                Side::Compressed(c) => {
+                Src::Zeros => continue,
+                Src::Data(f, h) => (f, h),
+                Src::Compressed(c) => {
                     let mut buf = cx.take_buf();
                     buf.set_len(self.len as usize);
                     if let Err(e) = read_compressed(cx.files, &c, buf.as_mut_slice()) {
@@ -478,10 +427,9 @@ impl Work for CompareWork {
             }
             Ok(_) => {}
             Err(e) => {
-                let Side::Data(file, host) = self.sides[k] else {
+                let Src::Data(file, _) = self.sides[k] else {
                     unreachable!("only data sides are read through the queue")
                 };
-                let _ = host;
                 self.err.get_or_insert(Error::Read {
                     guest: self.guest,
                     path: cx.files.path(file).to_string(),

@@ -15,7 +15,6 @@ use rimg_formats::{Chain, Extent, GuestOff, Image, ImageWriter, Placement, Ticke
 
 use crate::copy::Src;
 use crate::copy::{ActionWork, CopyWork};
-use crate::decompress::CompressedSrc;
 use crate::files::{CacheMode, FileIdx, JobFiles};
 use crate::shard::{Outcome, Payload, Pool, Work};
 use crate::squeeze::{CompressWork, WriteVecWork};
@@ -216,28 +215,7 @@ pub fn convert(
                     plan.done += len;
                     continue;
                 }
-                let src = match ce.extent {
-                    Extent::Data { file, host, .. } => {
-                        Src::Data(src_idx[si][ce.depth][file.0 as usize], host.0)
-                    }
-                    Extent::Compressed {
-                        file,
-                        host,
-                        clen_max,
-                        codec,
-                        unit,
-                        skip,
-                        ..
-                    } => Src::Compressed(CompressedSrc {
-                        file: src_idx[si][ce.depth][file.0 as usize],
-                        host: host.0,
-                        clen_max,
-                        codec,
-                        unit,
-                        skip,
-                    }),
-                    _ => Src::Zeros,
-                };
+                let src = Src::from_extent(&ce, &src_idx[si]);
                 if let Some((cs, codec)) = squeeze {
                     // Split at target cluster boundaries and gather whole clusters.
                     let mut done = 0;
@@ -266,16 +244,7 @@ pub fn convert(
                     let n = (unit - t % unit).min(len - done);
                     let piece_src = src.advance(done);
                     if piece_src != Src::Zeros || full {
-                        plan.copy(
-                            &files,
-                            &dst_idx,
-                            t,
-                            n,
-                            piece_src,
-                            detect,
-                            target.is_zero,
-                            opts,
-                        );
+                        plan.copy(&dst_idx, t, n, piece_src, detect, target.is_zero, opts);
                     } else if !target.is_zero {
                         plan.zero(&dst_idx, t, n);
                     } else {
@@ -536,7 +505,6 @@ impl Planner<'_, '_> {
     #[allow(clippy::too_many_arguments)]
     fn copy(
         &mut self,
-        files: &JobFiles,
         dst_idx: &[FileIdx],
         t: u64,
         n: u64,
@@ -569,7 +537,6 @@ impl Planner<'_, '_> {
             opts.salvage,
             cfr,
         ));
-        let _ = files;
         self.dispatch(w, Some(ticket), id, n);
     }
 

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::io as stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use rimg_formats::{Action, FileId};
+use rimg_formats::{Action, ChainExtent, Extent, FileId};
 
 use crate::decompress::{read_compressed, CompressedSrc};
 use crate::files::FileIdx;
@@ -29,6 +29,31 @@ pub(crate) enum Src {
 }
 
 impl Src {
+    /// Where the bytes of chain extent `ce` come from; `files[depth][file]` maps the
+    /// layers' files to the job's file table.
+    pub(crate) fn from_extent(ce: &ChainExtent, files: &[Vec<FileIdx>]) -> Src {
+        match ce.extent {
+            Extent::Data { file, host, .. } => Src::Data(files[ce.depth][file.0 as usize], host.0),
+            Extent::Compressed {
+                file,
+                host,
+                clen_max,
+                codec,
+                unit,
+                skip,
+                ..
+            } => Src::Compressed(CompressedSrc {
+                file: files[ce.depth][file.0 as usize],
+                host: host.0,
+                clen_max,
+                codec,
+                unit,
+                skip,
+            }),
+            _ => Src::Zeros,
+        }
+    }
+
     /// The source `n` guest bytes further on.
     pub(crate) fn advance(self, n: u64) -> Src {
         match self {
@@ -401,7 +426,7 @@ impl Work for CopyWork {
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        let Src::Data(file, host) = self.src else {
+                        let Src::Data(file, _) = self.src else {
                             unreachable!("only data sources are read through the queue")
                         };
                         if self.salvage {
@@ -409,7 +434,6 @@ impl Work for CopyWork {
                             buf.as_mut_slice()[..want].fill(0);
                             self.salvaged += self.len;
                         } else {
-                            let _ = host;
                             self.set_err(Error::Read {
                                 guest: self.guest,
                                 path: cx.files.path(file).to_string(),

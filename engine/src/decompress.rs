@@ -2,7 +2,6 @@
 
 use std::cell::RefCell;
 use std::io;
-use std::os::unix::fs::FileExt;
 
 use rimg_formats::Codec;
 
@@ -46,16 +45,7 @@ pub(crate) fn read_compressed(
         let mut s = s.borrow_mut();
         let (input, output) = &mut *s;
         input.resize(c.clen_max as usize, 0);
-        let f = files.buffered_fd(c.file);
-        let mut got = 0;
-        while got < input.len() {
-            match f.read_at(&mut input[got..], c.host + got as u64) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let got = files.pread(c.file, c.host, input)?;
         output.resize(c.unit as usize, 0);
         decode(c.codec, &input[..got], output)?;
         let s0 = c.skip as usize;

@@ -175,6 +175,23 @@ impl JobFiles {
         &self.files[i.0].buffered
     }
 
+    /// Read into `dst` at `off` through the buffered descriptor of file `i`, until it is
+    /// full or the file ends; returns the bytes read.
+    pub fn pread(&self, i: FileIdx, off: u64, dst: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let f = &self.files[i.0].buffered;
+        let mut got = 0;
+        while got < dst.len() {
+            match f.read_at(&mut dst[got..], off + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(got)
+    }
+
     /// The buffered slot of file `i` (fallocate, unaligned I/O).
     pub fn buffered_slot(&self, i: FileIdx) -> FileSlot {
         FileSlot(i.0 as u32 * 2)

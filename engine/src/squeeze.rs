@@ -7,7 +7,6 @@
 //! [`WriteVecWork`] to write it.
 
 use std::io as stdio;
-use std::os::unix::fs::FileExt;
 
 use rimg_formats::Codec;
 
@@ -94,20 +93,9 @@ impl CompressWork {
 }
 
 fn pread_full(files: &JobFiles, f: FileIdx, off: u64, dst: &mut [u8]) -> stdio::Result<()> {
-    let fd = files.buffered_fd(f);
-    let mut got = 0;
-    while got < dst.len() {
-        match fd.read_at(&mut dst[got..], off + got as u64) {
-            Ok(0) => {
-                // Past EOF (a raw tail): zeros.
-                dst[got..].fill(0);
-                break;
-            }
-            Ok(n) => got += n,
-            Err(e) if e.kind() == stdio::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
+    let got = files.pread(f, off, dst)?;
+    // Past EOF (a raw tail): zeros.
+    dst[got..].fill(0);
     Ok(())
 }
 

@@ -56,9 +56,7 @@ pub fn run(args: &[String]) -> Result<i32> {
         return Err(usage_error("amend", "Must specify options (-o)"));
     }
     if let Some(t) = o.get("cache") {
-        if crate::common::cache_mode(t).is_err() {
-            bail!("Invalid cache option: {t}");
-        }
+        crate::common::cache_mode(t)?;
     }
     let mut opts = rimg_formats::opts::OptionMap::default();
     for s in o.all("options") {

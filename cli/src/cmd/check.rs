@@ -75,9 +75,7 @@ pub fn run(args: &[String]) -> Result<i32> {
         }
     }
     if let Some(t) = o.get("cache") {
-        if crate::common::cache_mode(t).is_err() {
-            anyhow::bail!("Invalid source cache option: {t}");
-        }
+        crate::common::source_cache_mode(t)?;
     }
     let spec = ImageSpec::resolve(&o.pos[0], o.get("format"), o.has("image-opts"))?;
     let chain = spec.open_chain(

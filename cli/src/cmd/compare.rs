@@ -8,7 +8,7 @@ use rimg_engine::{Engine, EngineConfig};
 use rimg_formats::Access;
 
 use super::parse;
-use crate::common::{cache_mode, report, ImageSpec};
+use crate::common::{report, ImageSpec};
 use crate::getopt::{o, OptSpec};
 use crate::progress::Progress;
 
@@ -72,10 +72,10 @@ pub fn run(args: &[String]) -> Result<i32> {
     }
     let quiet = o.has("quiet");
     let cache = match o.get("cache") {
-        Some(t) => match cache_mode(t) {
+        Some(t) => match crate::common::source_cache_mode(t) {
             Ok(c) => c,
-            Err(_) => {
-                report(&format!("Invalid source cache option: {t}"));
+            Err(e) => {
+                report(&format!("{e}"));
                 return Ok(2);
             }
         },

@@ -129,11 +129,11 @@ pub fn run(args: &[String]) -> Result<i32> {
         return Ok(0);
     }
     let src_cache = match o.get("source-cache") {
-        Some(t) => cache_mode(t).map_err(|_| anyhow!("Invalid source cache option: {t}"))?,
+        Some(t) => crate::common::source_cache_mode(t)?,
         None => CacheMode::Writeback,
     };
     let dst_cache = match o.get("output-cache") {
-        Some(t) => cache_mode(t).map_err(|_| anyhow!("Invalid cache option: {t}"))?,
+        Some(t) => cache_mode(t)?,
         None => CacheMode::Unsafe,
     };
     let parallel = match o.get("parallel") {

@@ -168,9 +168,7 @@ pub fn run_commit(args: &[String]) -> Result<i32> {
         return Err(usage_error("commit", "Expecting one image file name"));
     }
     if let Some(t) = o.get("cache") {
-        if crate::common::cache_mode(t).is_err() {
-            bail!("Invalid cache option: {t}");
-        }
+        crate::common::cache_mode(t)?;
     }
     if let Some(r) = o.get("rate") {
         super::create::parse_num("rate limit", r)?;
@@ -249,14 +247,10 @@ pub fn run_rebase(args: &[String]) -> Result<i32> {
         return Err(usage_error("rebase", "Expecting one image file name"));
     }
     if let Some(t) = o.get("cache") {
-        if crate::common::cache_mode(t).is_err() {
-            bail!("Invalid cache option: {t}");
-        }
+        crate::common::cache_mode(t)?;
     }
     if let Some(t) = o.get("backing-cache") {
-        if crate::common::cache_mode(t).is_err() {
-            bail!("Invalid source cache option: {t}");
-        }
+        crate::common::source_cache_mode(t)?;
     }
     let Some(backing) = o.get("backing") else {
         return Err(usage_error(
