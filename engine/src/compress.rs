@@ -31,6 +31,25 @@ pub(crate) fn compress(codec: Codec, input: &[u8], out: &mut Vec<u8>) -> io::Res
                 .map_err(|e| io::Error::other(format!("deflate: {e}")))?;
             Ok(st == flate2::Status::StreamEnd && out.len() <= limit)
         }),
+        Codec::ZlibStream => {
+            // A complete zlib stream, stored even when it does not shrink (vmdk
+            // streamOptimized grains are always compressed).
+            let mut z = flate2::Compress::new(flate2::Compression::default(), true);
+            out.reserve(input.len() + input.len() / 1000 + 64);
+            loop {
+                let st = z
+                    .compress_vec(
+                        &input[z.total_in() as usize..],
+                        out,
+                        flate2::FlushCompress::Finish,
+                    )
+                    .map_err(|e| io::Error::other(format!("deflate: {e}")))?;
+                if st == flate2::Status::StreamEnd {
+                    return Ok(true);
+                }
+                out.reserve(out.len().max(4096));
+            }
+        }
         Codec::Zstd => {
             let c = zstd::bulk::compress(input, 0)
                 .map_err(|e| io::Error::other(format!("zstd: {e}")))?;
@@ -48,9 +67,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn roundtrip_both_codecs() {
+    fn roundtrip_every_codec() {
         let data: Vec<u8> = (0..65536u32).map(|i| (i / 7 % 256) as u8).collect();
-        for codec in [Codec::Zlib, Codec::Zstd] {
+        for codec in [Codec::Zlib, Codec::Zstd, Codec::ZlibStream] {
             let mut c = Vec::new();
             assert!(compress(codec, &data, &mut c).unwrap());
             assert!(c.len() < data.len());

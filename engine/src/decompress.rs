@@ -54,12 +54,17 @@ pub(crate) fn read_compressed(
     })
 }
 
+/// Whether `codec`'s stream starts with a zlib header.
+fn c_zlib_header(codec: Codec) -> bool {
+    codec == Codec::ZlibStream
+}
+
 /// Decode `input` (which may carry trailing bytes of the next cluster) until `out` is full.
 pub(crate) fn decode(codec: Codec, input: &[u8], out: &mut [u8]) -> io::Result<()> {
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
     match codec {
-        Codec::Zlib => {
-            let mut d = flate2::Decompress::new(false);
+        Codec::Zlib | Codec::ZlibStream => {
+            let mut d = flate2::Decompress::new(c_zlib_header(codec));
             loop {
                 let (i, o) = (d.total_in() as usize, d.total_out() as usize);
                 if o == out.len() {

@@ -329,6 +329,12 @@ pub trait ImageWriter: Send {
     fn compression_unit(&self) -> Option<(u64, crate::extent::Codec)> {
         None
     }
+    /// Whether every write must be compressed (vmdk streamOptimized): `convert` then
+    /// compresses without `-c`, and a unit that does not shrink is still written through
+    /// [`ImageWriter::allocate_compressed`].
+    fn always_compressed(&self) -> bool {
+        false
+    }
     /// Before `commit`: the engine wrote nothing to these guest ranges of `ticket` (they are
     /// all zeros on a target that reads as zeros). A format may drop allocations wholly
     /// inside them instead of publishing them. The default keeps everything.

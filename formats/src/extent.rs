@@ -9,6 +9,9 @@ pub enum Codec {
     Zlib,
     /// zstd frames (qcow2 `zstd`)
     Zstd,
+    /// a zlib stream (RFC 1950: header, deflate, Adler-32), as vmdk streamOptimized grains
+    /// carry; any window size
+    ZlibStream,
 }
 
 /// One contiguous guest range of one layer, as returned by [`crate::Image::map`].
