@@ -82,6 +82,12 @@ impl Entry {
                 e.offset = Some(host.0);
                 e.file.1 = file.0;
             }
+            Extent::DataHole { host, file, .. } => {
+                e.data = true;
+                e.zero = true;
+                e.offset = Some(host.0);
+                e.file.1 = file.0;
+            }
             Extent::Zero { at, .. } => {
                 e.zero = true;
                 e.offset = at.map(|(_, h)| h.0);
