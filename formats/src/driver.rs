@@ -254,6 +254,10 @@ pub trait Image: Send + Sync {
     fn snapshots(&self) -> Vec<SnapshotInfo> {
         Vec::new()
     }
+    /// Whether the image's data is encrypted (`encrypted` in `info`).
+    fn encrypted(&self) -> bool {
+        false
+    }
     /// Whether the image's dirty flag is set (`dirty-flag` in `info`).
     fn dirty(&self) -> bool {
         false

@@ -19,6 +19,7 @@
 #![deny(missing_docs)]
 
 pub mod chain;
+pub mod crypto;
 pub mod driver;
 pub mod error;
 pub mod extent;

@@ -107,6 +107,8 @@ pub struct Qcow2Image {
     bitmaps: Vec<(String, u64, Vec<&'static str>)>,
     /// virtual size as seen (a snapshot's own size when reading one)
     size: u64,
+    /// `info`'s `encrypt` block of an encrypted image
+    encrypt: Option<Value>,
 }
 
 /// The feature names of the bits in `bits` (of `kind`), from the image's table, as QEMU
@@ -147,11 +149,38 @@ impl Qcow2Image {
                 feature_names(&ext, 0, unknown)
             )));
         }
-        if header.crypt_method != 0 {
-            return Err(Error::Unsupported(
-                "Encrypted qcow2 images are not supported by rimg yet".into(),
-            ));
-        }
+        // Encrypted images open without their key for `info` only, as with QEMU; data
+        // access needs the key secret (decryption is not implemented yet).
+        let encrypt = match header.crypt_method {
+            0 => None,
+            1 | 2 if opts.access != crate::driver::Access::Info => {
+                return Err(Error::Unsupported(
+                    "Parameter 'encrypt.key-secret' is required for cipher".into(),
+                ))
+            }
+            1 => Some(json!({"format": "aes"})),
+            2 => {
+                let (off, len) = ext.crypto.ok_or_else(|| Error::Corrupt {
+                    path: path.clone(),
+                    what: "Missing crypto header for crypt method 2".into(),
+                })?;
+                let len = len.min(crate::crypto::luks::HEADER_SIZE as u64 * 2) as usize;
+                let mut b = vec![0u8; len.max(crate::crypto::luks::HEADER_SIZE)];
+                let n = file.read_at_most(&mut b, off, "LUKS header")?;
+                b.truncate(n);
+                let h =
+                    crate::crypto::luks::LuksHeader::parse(&b).map_err(|what| Error::Corrupt {
+                        path: path.clone(),
+                        what,
+                    })?;
+                Some(h.info_json(false))
+            }
+            m => {
+                return Err(Error::Unsupported(format!(
+                    "Unsupported encryption method: {m}"
+                )))
+            }
+        };
         if opts.write() && header.incompatible_features & incompat::CORRUPT != 0 {
             return Err(Error::Corrupt {
                 path: path.clone(),
@@ -226,6 +255,7 @@ impl Qcow2Image {
             snapshots,
             bitmaps,
             size,
+            encrypt,
         })
     }
 
@@ -308,6 +338,9 @@ impl Image for Qcow2Image {
                     json!(h.autoclear_features & autoclear::DATA_FILE_RAW != 0),
                 );
             }
+            if let Some(e) = &self.encrypt {
+                d.insert("encrypt".into(), e.clone());
+            }
             d.insert(
                 "corrupt".into(),
                 json!(h.incompatible_features & incompat::CORRUPT != 0),
@@ -319,6 +352,10 @@ impl Image for Qcow2Image {
 
     fn dirty(&self) -> bool {
         self.header.incompatible_features & incompat::DIRTY != 0
+    }
+
+    fn encrypted(&self) -> bool {
+        self.encrypt.is_some()
     }
 
     fn writer(&self) -> Result<Box<dyn ImageWriter>> {
