@@ -34,8 +34,8 @@ pub mod vpc;
 
 pub use chain::{Chain, ChainExtent};
 pub use driver::{
-    Access, Action, BackingRef, CreateSpec, FormatDriver, Image, ImageWriter, OpenOptions,
-    Placement, Preallocation, SnapshotInfo, Ticket,
+    Access, Action, BackingRef, CreateSpec, Encryption, FormatDriver, Image, ImageWriter,
+    OpenOptions, Placement, Preallocation, SnapshotInfo, Ticket,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use extent::{Codec, Extent};

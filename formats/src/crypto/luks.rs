@@ -26,6 +26,8 @@ pub struct KeySlot {
     pub key_offset: u64,
     /// anti-forensic stripes
     pub stripes: u32,
+    /// PBKDF2 salt of the slot
+    pub salt: [u8; 32],
 }
 
 /// The parts of a LUKS1 header `info` reports.
@@ -43,10 +45,81 @@ pub struct LuksHeader {
     pub key_bytes: u32,
     /// PBKDF2 iterations of the master key digest
     pub mk_iterations: u32,
+    /// PBKDF2 digest of the master key
+    pub mk_digest: [u8; 20],
+    /// salt of that digest
+    pub mk_salt: [u8; 32],
     /// the volume UUID as text
     pub uuid: String,
     /// the eight key slots
     pub slots: Vec<KeySlot>,
+}
+
+use super::cipher::{SectorCipher, SECTOR};
+
+/// Reads key material: `(offset from the LUKS header start, buffer)`.
+pub type KeyMaterialReader<'a> = dyn FnMut(u64, &mut [u8]) -> Result<(), String> + 'a;
+
+/// PBKDF2-HMAC with the LUKS hash `hash` into `out`.
+fn pbkdf2(
+    hash: &str,
+    password: &[u8],
+    salt: &[u8],
+    rounds: u32,
+    out: &mut [u8],
+) -> Result<(), String> {
+    match hash {
+        "sha1" => pbkdf2::pbkdf2_hmac::<sha1::Sha1>(password, salt, rounds, out),
+        "sha256" => pbkdf2::pbkdf2_hmac::<sha2::Sha256>(password, salt, rounds, out),
+        "sha512" => pbkdf2::pbkdf2_hmac::<sha2::Sha512>(password, salt, rounds, out),
+        h => return Err(format!("hash '{h}' is not supported by rimg yet")),
+    }
+    Ok(())
+}
+
+/// `hash` of `parts` concatenated.
+fn digest(hash: &str, parts: &[&[u8]]) -> Result<Vec<u8>, String> {
+    use sha2::Digest;
+    fn run<D: Digest>(parts: &[&[u8]]) -> Vec<u8> {
+        let mut d = D::new();
+        for p in parts {
+            d.update(p);
+        }
+        d.finalize().to_vec()
+    }
+    Ok(match hash {
+        "sha1" => run::<sha1::Sha1>(parts),
+        "sha256" => run::<sha2::Sha256>(parts),
+        "sha512" => run::<sha2::Sha512>(parts),
+        h => return Err(format!("hash '{h}' is not supported by rimg yet")),
+    })
+}
+
+/// The anti-forensic diffusion: each digest-sized piece of `block` replaced by the hash of
+/// its index (big-endian) and itself.
+fn diffuse(hash: &str, block: &mut [u8]) -> Result<(), String> {
+    let ds = digest(hash, &[])?.len();
+    for (i, piece) in block.chunks_mut(ds).enumerate() {
+        let h = digest(hash, &[&(i as u32).to_be_bytes(), piece])?;
+        let n = piece.len();
+        piece.copy_from_slice(&h[..n]);
+    }
+    Ok(())
+}
+
+/// Merge anti-forensic stripes (`stripes` × `kb` bytes) back into the key.
+fn af_merge(hash: &str, material: &[u8], kb: usize) -> Result<Vec<u8>, String> {
+    let stripes = material.len() / kb;
+    let mut d = vec![0u8; kb];
+    for (i, stripe) in material.chunks_exact(kb).enumerate() {
+        for (x, s) in d.iter_mut().zip(stripe) {
+            *x ^= s;
+        }
+        if i + 1 < stripes {
+            diffuse(hash, &mut d)?;
+        }
+    }
+    Ok(d)
 }
 
 fn cstr(b: &[u8]) -> String {
@@ -79,6 +152,7 @@ impl LuksHeader {
                     iterations: be32(s, 4),
                     key_offset: be32(s, 40) as u64 * 512,
                     stripes: be32(s, 44),
+                    salt: s[8..40].try_into().expect("32 bytes"),
                 }
             })
             .collect();
@@ -89,6 +163,8 @@ impl LuksHeader {
             payload_offset: be32(b, 104) as u64 * 512,
             key_bytes: be32(b, 108),
             mk_iterations: be32(b, 164),
+            mk_digest: b[112..132].try_into().expect("20 bytes"),
+            mk_salt: b[132..164].try_into().expect("32 bytes"),
             uuid: cstr(&b[168..208]),
             slots,
         })
@@ -110,16 +186,71 @@ impl LuksHeader {
         }
     }
 
-    /// `info`'s `encrypt` block for a LUKS image, in qemu-img's key order.
-    pub fn info_json(&self, detached: bool) -> Value {
+    /// The cipher mode and IV generator: (`xts`, `plain64`, `None`), (`cbc`, `essiv`,
+    /// `Some("sha256")`) ...
+    pub fn mode_parts(&self) -> (&str, &str, Option<&str>) {
         let (mode, ivgen) = self
             .cipher_mode
             .split_once('-')
             .unwrap_or((self.cipher_mode.as_str(), ""));
-        let (ivgen_alg, ivgen_hash) = match ivgen.split_once(':') {
-            Some((a, h)) => (a, Some(h)),
-            None => (ivgen, None),
-        };
+        match ivgen.split_once(':') {
+            Some((a, h)) => (mode, a, Some(h)),
+            None => (mode, ivgen, None),
+        }
+    }
+
+    /// The sector cipher of the volume for `key`.
+    pub fn cipher(&self, key: &[u8]) -> Result<std::sync::Arc<dyn SectorCipher>, String> {
+        let (mode, ivgen, hash) = self.mode_parts();
+        super::cipher::make(&self.cipher_name, mode, ivgen, hash, key)
+    }
+
+    /// Recover the master key with `password`, trying each active key slot. `read(off,
+    /// buf)` reads bytes at `off` from the start of the LUKS header.
+    pub fn unlock(
+        &self,
+        password: &[u8],
+        read: &mut KeyMaterialReader<'_>,
+    ) -> Result<Vec<u8>, String> {
+        let kb = self.key_bytes as usize;
+        if kb == 0 || kb > 256 {
+            return Err(format!("invalid LUKS key length {kb}"));
+        }
+        for slot in self.slots.iter().filter(|s| s.active) {
+            if slot.stripes == 0 || slot.stripes > 4000 * 16 {
+                return Err(format!("invalid LUKS stripe count {}", slot.stripes));
+            }
+            let mut derived = vec![0u8; kb];
+            pbkdf2(
+                &self.hash_spec,
+                password,
+                &slot.salt,
+                slot.iterations,
+                &mut derived,
+            )?;
+            let len = (kb * slot.stripes as usize).div_ceil(SECTOR) * SECTOR;
+            let mut material = vec![0u8; len];
+            read(slot.key_offset, &mut material)?;
+            self.cipher(&derived)?.decrypt(0, &mut material);
+            let key = af_merge(&self.hash_spec, &material[..kb * slot.stripes as usize], kb)?;
+            let mut digest = [0u8; 20];
+            pbkdf2(
+                &self.hash_spec,
+                &key,
+                &self.mk_salt,
+                self.mk_iterations,
+                &mut digest,
+            )?;
+            if digest == self.mk_digest {
+                return Ok(key);
+            }
+        }
+        Err("Invalid password, cannot unlock any keyslot".into())
+    }
+
+    /// `info`'s `encrypt` block for a LUKS image, in qemu-img's key order.
+    pub fn info_json(&self, detached: bool) -> Value {
+        let (mode, ivgen_alg, ivgen_hash) = self.mode_parts();
         let mut m = Map::new();
         m.insert("ivgen-alg".into(), json!(ivgen_alg));
         m.insert("detached-header".into(), json!(detached));

@@ -109,6 +109,8 @@ pub struct Qcow2Image {
     size: u64,
     /// `info`'s `encrypt` block of an encrypted image
     encrypt: Option<Value>,
+    /// the data cipher, when opened with the key
+    cipher: Option<Arc<dyn crate::crypto::cipher::SectorCipher>>,
 }
 
 /// The feature names of the bits in `bits` (of `kind`), from the image's table, as QEMU
@@ -150,12 +152,19 @@ impl Qcow2Image {
             )));
         }
         // Encrypted images open without their key for `info` only, as with QEMU; data
-        // access needs the key secret (decryption is not implemented yet).
+        // access needs the key secret. LUKS data is decrypted by the engine (the IV is the
+        // host sector); legacy AES is not supported.
+        let mut encryption = None;
         let encrypt = match header.crypt_method {
             0 => None,
-            1 | 2 if opts.access != crate::driver::Access::Info => {
+            1 | 2 if opts.access != crate::driver::Access::Info && opts.key.is_none() => {
                 return Err(Error::Unsupported(
                     "Parameter 'encrypt.key-secret' is required for cipher".into(),
+                ))
+            }
+            1 if opts.access != crate::driver::Access::Info => {
+                return Err(Error::Unsupported(
+                    "AES-CBC encrypted qcow2 images are not supported by rimg".into(),
                 ))
             }
             1 => Some(json!({"format": "aes"})),
@@ -164,15 +173,26 @@ impl Qcow2Image {
                     path: path.clone(),
                     what: "Missing crypto header for crypt method 2".into(),
                 })?;
-                let len = len.min(crate::crypto::luks::HEADER_SIZE as u64 * 2) as usize;
-                let mut b = vec![0u8; len.max(crate::crypto::luks::HEADER_SIZE)];
+                let hl = crate::crypto::luks::HEADER_SIZE;
+                let mut b = vec![0u8; hl];
                 let n = file.read_at_most(&mut b, off, "LUKS header")?;
                 b.truncate(n);
-                let h =
-                    crate::crypto::luks::LuksHeader::parse(&b).map_err(|what| Error::Corrupt {
-                        path: path.clone(),
-                        what,
-                    })?;
+                let corrupt = |what: String| Error::Corrupt {
+                    path: path.clone(),
+                    what,
+                };
+                let h = crate::crypto::luks::LuksHeader::parse(&b).map_err(corrupt)?;
+                if let (Some(key), true) = (&opts.key, opts.access != crate::driver::Access::Info) {
+                    let mut read = |o: u64, buf: &mut [u8]| {
+                        if o.saturating_add(buf.len() as u64) > len {
+                            return Err("LUKS key material lies outside its header".to_string());
+                        }
+                        file.read_exact_at(buf, off + o, "LUKS key material")
+                            .map_err(|e| e.to_string())
+                    };
+                    let master = h.unlock(key, &mut read).map_err(Error::Unsupported)?;
+                    encryption = Some(h.cipher(&master).map_err(Error::Unsupported)?);
+                }
                 Some(h.info_json(false))
             }
             m => {
@@ -256,6 +276,7 @@ impl Qcow2Image {
             bitmaps,
             size,
             encrypt,
+            cipher: encryption,
         })
     }
 
@@ -358,7 +379,20 @@ impl Image for Qcow2Image {
         self.encrypt.is_some()
     }
 
+    fn encryption(&self) -> Option<crate::driver::Encryption> {
+        self.cipher.as_ref().map(|c| crate::driver::Encryption {
+            file: self.data_file,
+            base: 0,
+            cipher: c.clone(),
+        })
+    }
+
     fn writer(&self) -> Result<Box<dyn ImageWriter>> {
+        if self.encrypt.is_some() {
+            return Err(Error::Unsupported(
+                "writing to encrypted qcow2 images is not supported by rimg yet".into(),
+            ));
+        }
         if !self.bitmaps.is_empty() {
             // Writes would leave the bitmaps stale: refuse rather than corrupt them.
             return Err(Error::Unsupported(
