@@ -23,15 +23,17 @@ const USAGE: &str = "\
 perf-history: read the side-by-side history (one JSON line per workload and run)
 
 USAGE:
-  perf-history compare [--history FILE] [--last N | [BASE] [NEW]] [--min-threshold PCT]
+  perf-history compare [--history FILE] [--last N | [BASE] [NEW]] [--noise-factor K]
+                       [--min-threshold PCT]
   perf-history plot    [--history FILE] [--out FILE.svg] [--last N] [--workloads A,B,...]
 
 Runs are named by position (-1 = newest, -2 = the one before, 1 = oldest) or by a prefix of their
 run id or commit. compare's default is -2 against -1; --last N compares the newest run with the
 N-1 runs before it, pooled (median ratio; noise = the larger of their own spread and how much the
 ratio moved between them). Per workload it prints the ratio qemu-img/rimg of both sides, the
-change, the noise threshold (the two sides' measured spreads added in quadrature, at least
---min-threshold, default 3%) and a verdict: faster, SLOWER, within noise, FAILS NOW, ... It exits 1
+change, the noise threshold (the two sides' measured spreads added in quadrature, times
+--noise-factor, default 1.5, at least --min-threshold, default 3%) and a verdict: faster, SLOWER,
+within noise, FAILS NOW, ... It exits 1
 when any workload is SLOWER or FAILS NOW, 0 otherwise, 2 on bad arguments or an unreadable history.
 
 plot draws one small chart per workload (ratio over the runs, labelled by commit; dashed line at
@@ -52,6 +54,8 @@ struct Args {
     runs: Vec<String>,
     /// `--min-threshold`, as a fraction.
     min_threshold: f64,
+    /// `--noise-factor`.
+    noise_factor: f64,
     /// `--out` of plot.
     out: Option<PathBuf>,
     /// `--workloads` of plot (names or prefixes ending in `*`).
@@ -80,6 +84,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Option<Args>> {
         last: None,
         runs: Vec::new(),
         min_threshold: 0.03,
+        noise_factor: 1.5,
         out: None,
         workloads: None,
     };
@@ -114,6 +119,14 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Option<Args>> {
                     .parse()
                     .map_err(|_| format!("--min-threshold: not a percentage: {v}"))?;
                 a.min_threshold = pct / 100.0;
+            }
+            "--noise-factor" => {
+                let v = value()?;
+                a.noise_factor = v
+                    .parse()
+                    .ok()
+                    .filter(|f: &f64| *f > 0.0)
+                    .ok_or_else(|| format!("--noise-factor: not a positive number: {v}"))?;
             }
             "--out" | "-o" => a.out = Some(PathBuf::from(value()?)),
             "--workloads" => {
@@ -188,7 +201,11 @@ fn cmd_compare(a: &Args, runs: &[Run]) -> Result<bool> {
         }
     }
     println!();
-    let rows = compare::compare(&base, new, a.min_threshold);
+    let t = compare::Thresholds {
+        factor: a.noise_factor,
+        min: a.min_threshold,
+    };
+    let rows = compare::compare(&base, new, t);
     compare::print(&rows);
     let regressions: Vec<&str> = rows
         .iter()

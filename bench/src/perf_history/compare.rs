@@ -4,7 +4,14 @@
 //! the same run, so a machine that is busier or slower on one day moves both and the ratio stays put.
 //! The noise threshold comes from the measured spreads: a run's ratio noise is its two tools' relative
 //! half-ranges added in quadrature (`ratio_noise` in the history), and the threshold of a comparison is
-//! the baseline's and the new run's noise added in quadrature, never below `--min-threshold`.
+//! the baseline's and the new run's noise added in quadrature, times `--noise-factor`, never below
+//! `--min-threshold`. A change counts when the ratio moved by more than the threshold either way on a
+//! log scale: up by more than `1 + t` times, or down to less than `1 / (1 + t)`.
+//!
+//! Why a factor (default 1.5): for 5 roughly normal samples the half-range is about twice the standard
+//! error of their median, so the plain quadrature sum is a 2-sigma bound, and among 30 workloads one
+//! would come out "SLOWER" by chance in about half of the comparisons of a commit with itself. 1.5x
+//! makes it about 3 sigma, so a gate that fails is worth a look.
 
 use crate::history::{Entry, Run};
 
@@ -127,9 +134,18 @@ pub(crate) struct Row {
     pub(crate) error: Option<String>,
 }
 
+/// How changes are judged.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Thresholds {
+    /// The noise of both sides, added in quadrature, is multiplied by this.
+    pub(crate) factor: f64,
+    /// Smallest threshold, as a fraction.
+    pub(crate) min: f64,
+}
+
 /// Compares `new` against the baseline made of `base_runs`, workload by workload (the new run's order
 /// first, then workloads only the baseline has).
-pub(crate) fn compare(base_runs: &[&Run], new: &Run, min_threshold: f64) -> Vec<Row> {
+pub(crate) fn compare(base_runs: &[&Run], new: &Run, t: Thresholds) -> Vec<Row> {
     let mut names: Vec<String> = new.entries.iter().map(|e| e.workload.clone()).collect();
     for r in base_runs {
         for e in &r.entries {
@@ -162,7 +178,7 @@ pub(crate) fn compare(base_runs: &[&Run], new: &Run, min_threshold: f64) -> Vec<
                 (Some(_), Some(_), None) => Verdict::NowFails,
                 (Some(b), Some(e), Some(r)) => {
                     let change = r / b.ratio - 1.0;
-                    let threshold = b.noise.hypot(e.noise).max(min_threshold);
+                    let threshold = (t.factor * b.noise.hypot(e.noise)).max(t.min);
                     row.change = Some(change);
                     row.threshold = Some(threshold);
                     row.rimg_change = b
@@ -170,9 +186,12 @@ pub(crate) fn compare(base_runs: &[&Run], new: &Run, min_threshold: f64) -> Vec<
                         .zip(e.rimg_median)
                         .filter(|(a, _)| *a > 0.0)
                         .map(|(a, c)| c / a - 1.0);
-                    if change > threshold {
+                    // Judged on a log scale, so that twice as fast and twice as slow weigh the
+                    // same and a threshold above 100 % still leaves room for a slowdown.
+                    let (log_change, log_threshold) = ((r / b.ratio).ln(), threshold.ln_1p());
+                    if log_change > log_threshold {
                         Verdict::Faster
-                    } else if change < -threshold {
+                    } else if log_change < -log_threshold {
                         Verdict::Slower
                     } else {
                         Verdict::Noise
@@ -262,7 +281,11 @@ mod tests {
                 ("added", Some(1.0), 0.0),
             ],
         );
-        let rows = compare(&[&a], &b, 0.02);
+        let t = Thresholds {
+            factor: 1.0,
+            min: 0.02,
+        };
+        let rows = compare(&[&a], &b, t);
         let v: Vec<_> = rows
             .iter()
             .map(|r| (r.workload.as_str(), r.verdict))
