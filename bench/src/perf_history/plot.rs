@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::history::Run;
 use crate::Result;
@@ -104,6 +105,19 @@ pub(crate) fn plot(runs: &[&Run], workloads: &[String], out: &Path) -> Result<()
         chart
             .draw_series(points.iter().map(|&p| Circle::new(p, 3, BLUE.filled())))
             .map_err(err(name))?;
+        if points.is_empty() {
+            let mid = ((n as f64 - 1.0) / 2.0, ymax / 2.0);
+            chart
+                .draw_series(std::iter::once(Text::new(
+                    "no measurement (failed or not run)",
+                    mid,
+                    ("sans-serif", 12)
+                        .into_font()
+                        .color(&RED)
+                        .pos(Pos::new(HPos::Center, VPos::Center)),
+                )))
+                .map_err(err(name))?;
+        }
     }
     root.present().map_err(err("writing the file"))?;
     Ok(())
