@@ -9,8 +9,8 @@
 //! other; cold workloads also drop the page cache. Wall clock decides the ratio; each run's CPU time
 //! (user + system) is reported beside it.
 //!
-//! The measuring side is std only, on purpose: it must build wherever rimg builds and must not perturb what
-//! it measures.
+//! Apart from serde_json for the history lines it is std only, on purpose: it must build wherever rimg
+//! builds and must not perturb what it measures.
 
 #[path = "side_by_side/args.rs"]
 mod args;

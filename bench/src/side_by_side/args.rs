@@ -49,7 +49,7 @@ WORKLOADS (cold: the page cache is dropped before every timed run; warm: it is n
             "  {:<26} {}  {}{}",
             w.name,
             w.cache.name(),
-            w.args.join(" "),
+            w.args,
             if w.startup { "  (startup-bound)" } else { "" }
         );
     }

@@ -267,7 +267,7 @@ pub(crate) fn json_line(row: &Row, info: &RunInfo) -> Value {
     let mut v = json!({
         "run_id": info.run_id,
         "workload": row.workload.name,
-        "args": row.workload.args.join(" "),
+        "args": row.workload.args,
         "cache": row.workload.cache.name(),
         "cache_dropped": row.dropped,
         "repeat": row.repeat,
