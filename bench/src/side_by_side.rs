@@ -479,6 +479,7 @@ fn run(opts: Options) -> Result<()> {
         warmup: opts.warmup,
         free_page_reporting: free_page_reporting(),
         machine: machine(),
+        scratch_fs: String::new(),
         loadavg_start: String::new(),
         loadavg_end: String::new(),
     };
@@ -505,6 +506,15 @@ fn run(opts: Options) -> Result<()> {
         }
     );
     println!("machine:  {}", info.machine.summary());
+    let fs = inputs::fs_type(&scratch.dir).unwrap_or_else(|| "unknown".into());
+    println!("scratch filesystem: {fs}");
+    info.scratch_fs = fs.clone();
+    if fs == "tmpfs" || fs == "ramfs" {
+        println!(
+            "note: the scratch directory is in memory ({fs}): O_DIRECT workloads fail there and nothing \
+             touches a disk; pass --dir on a disk-backed filesystem"
+        );
+    }
     if info.free_page_reporting {
         println!(
             "note: this VM reports freed memory to its host (virtio-balloon free page reporting): buffered \

@@ -35,7 +35,7 @@ OPTIONS:
                        <workspace>/perf-scripts/results/history.jsonl, or history-quick.jsonl
                        with --quick); --json FILE is the same
   --no-history         do not append to any history file
-  --dir DIR            scratch directory (default: a new directory under the system temp dir);
+  --dir DIR            scratch directory (default: a new directory under $TMPDIR, else /var/tmp);
                        the harness removes what it created there at the end unless --keep
   --keep               keep the scratch images and outputs
   -h, --help           print this help

@@ -166,7 +166,7 @@ impl Scratch {
                     .duration_since(UNIX_EPOCH)
                     .map(|d| d.subsec_nanos())
                     .unwrap_or(0);
-                let d = std::env::temp_dir().join(format!(
+                let d = default_parent().join(format!(
                     "rimg-side-by-side-{}-{nanos:08x}",
                     std::process::id()
                 ));
@@ -273,6 +273,28 @@ pub(crate) fn generate(path: &Path, size: u64, kind: Fill, seed: u64) -> Result<
     }
     file.sync_all().map_err(ctx)?;
     Ok(written)
+}
+
+/// Where the scratch directory goes by default: `$TMPDIR`, else `/var/tmp` (disk-backed by convention,
+/// where `/tmp` is often a tmpfs, on which O_DIRECT fails and "disk" reads come from memory).
+pub(crate) fn default_parent() -> PathBuf {
+    std::env::var_os("TMPDIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"))
+}
+
+/// The type of the filesystem holding `dir` (`ext4`, `xfs`, `tmpfs` ...), from `stat -f`.
+pub(crate) fn fs_type(dir: &Path) -> Option<String> {
+    let out = Command::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(dir)
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// Free bytes on the filesystem holding `dir`, from `df` (None if df is missing or its output is odd).

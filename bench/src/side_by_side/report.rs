@@ -245,6 +245,8 @@ pub(crate) struct RunInfo {
     pub(crate) free_page_reporting: bool,
     /// Where it ran.
     pub(crate) machine: Machine,
+    /// Filesystem type of the scratch directory (`stat -f`).
+    pub(crate) scratch_fs: String,
     /// Load averages when the timed part started.
     pub(crate) loadavg_start: String,
     /// Load averages when it ended.
@@ -316,6 +318,7 @@ pub(crate) fn json_line(row: &Row, info: &RunInfo) -> Value {
                 "cpu": m.cpu,
             }),
         ),
+        ("scratch_fs", json!(info.scratch_fs)),
         ("free_page_reporting", json!(info.free_page_reporting)),
         ("loadavg_start", json!(info.loadavg_start)),
         ("loadavg_end", json!(info.loadavg_end)),
