@@ -18,6 +18,7 @@ mod dd;
 mod info;
 mod limits;
 mod locking;
+mod luks;
 mod map;
 mod measure;
 mod prop_map;

@@ -97,7 +97,9 @@ impl ImageSpec {
                 bail!("Unknown protocol driver '{d}': rimg supports 'file' and 'host_device'");
             }
         }
-        spec.key_secret = m.take("encrypt.key-secret");
+        spec.key_secret = m
+            .take("encrypt.key-secret")
+            .or_else(|| m.take("key-secret"));
         match m.take("file.locking").as_deref() {
             None | Some("auto") | Some("on") => {}
             Some("off") => spec.no_lock = true,
@@ -167,17 +169,9 @@ impl ImageSpec {
     }
 }
 
-/// Secrets defined with `--object secret,id=ID,data=...|file=...[,format=raw|base64]`.
-static SECRETS: std::sync::Mutex<Vec<(String, Vec<u8>)>> = std::sync::Mutex::new(Vec::new());
-
-/// The bytes of secret `id`.
+/// The bytes of secret `id` (defined with `--object secret,...`).
 pub fn secret(id: &str) -> Option<Vec<u8>> {
-    SECRETS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .find(|(i, _)| i == id)
-        .map(|(_, v)| v.clone())
+    rimg_formats::crypto::secret(id)
 }
 
 /// Keep a `secret` object's bytes.
@@ -207,10 +201,7 @@ fn store_secret(m: &OptionMap) -> Result<()> {
         }
         Some(f) => bail!("Parameter 'format' does not accept value '{f}'"),
     };
-    SECRETS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push((id, bytes));
+    rimg_formats::crypto::register_secret(&id, bytes);
     Ok(())
 }
 

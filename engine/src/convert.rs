@@ -105,8 +105,7 @@ pub fn convert(
         src_idx.push(per_layer);
     }
     let mut dst_idx = Vec::new();
-    for f in target.image.files() {
-        let i = files.add(engine, f, true, opts.dst_cache)?;
+    for i in files.add_image(engine, target.image, true, opts.dst_cache)? {
         files.mark_written(i);
         dst_idx.push(i);
     }
@@ -114,6 +113,7 @@ pub fn convert(
         .iter()
         .flatten()
         .flatten()
+        .chain(&dst_idx)
         .any(|&i| files.encrypted(i));
     let files = Arc::new(files);
     let mut pool = Pool::start_with_unit(engine, files.clone(), usize::MAX, 1, unit as usize)?;

@@ -259,6 +259,22 @@ impl JobFiles {
         Ok(())
     }
 
+    /// Encrypt `buf`, about to be written to file `i` at `host`, in place (nothing for
+    /// plain files). Whole 512-byte sectors only.
+    pub fn encrypt(&self, i: FileIdx, host: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let Some((c, base)) = &self.files[i.0].crypt else {
+            return Ok(());
+        };
+        if host < *base || !(host - base).is_multiple_of(512) || !buf.len().is_multiple_of(512) {
+            return Err(std::io::Error::other(format!(
+                "unaligned write of encrypted data ({} bytes at {host:#x})",
+                buf.len()
+            )));
+        }
+        c.encrypt((host - base) / 512, buf);
+        Ok(())
+    }
+
     /// Read `dst.len()` bytes at `off` of file `i` with the buffered descriptor, decrypted
     /// when the file is encrypted (reading whole sectors around the range). Bytes past EOF
     /// read as zeros. Returns the bytes that came from the file.

@@ -15,7 +15,7 @@
 //! - [`chain`]: backing chains, opened through a gate (depth limit, loop detection).
 //! - [`registry`]: the driver list and format probing.
 //! - [`opts`]: `-o` option strings and qemu-img's size syntax.
-//! - one module per format: [`raw`], [`qcow2`], [`vpc`].
+//! - one module per format: [`raw`], [`qcow2`], [`vpc`], [`luks`].
 #![deny(missing_docs)]
 
 pub mod chain;
@@ -25,6 +25,7 @@ pub mod error;
 pub mod extent;
 pub mod file;
 pub mod lock;
+pub mod luks;
 pub mod opts;
 pub mod qcow2;
 pub mod raw;

@@ -5,8 +5,12 @@ use crate::error::{Error, Result};
 use crate::file::FileLayer;
 
 /// Every format rimg implements.
-pub static DRIVERS: &[&dyn FormatDriver] =
-    &[&crate::raw::RAW, &crate::qcow2::QCOW2, &crate::vpc::VPC];
+pub static DRIVERS: &[&dyn FormatDriver] = &[
+    &crate::raw::RAW,
+    &crate::qcow2::QCOW2,
+    &crate::vpc::VPC,
+    &crate::luks::LUKS,
+];
 
 /// Image formats qemu-img 10.x knows that rimg does not implement yet: named in a clear
 /// "not supported yet" error instead of qemu-img's "Unknown driver".
@@ -22,7 +26,6 @@ const QEMU_FORMATS: &[&str] = &[
     "dmg",
     "file",
     "host_device",
-    "luks",
     "nbd",
     "null-co",
     "null-aio",

@@ -273,7 +273,13 @@ pub fn run(args: &[String]) -> Result<i32> {
             force_share: false,
             no_lock: tspec.no_lock,
             snapshot: None,
-            key: None,
+            key: match topts.get("key-secret").or(topts.get("encrypt.key-secret")) {
+                Some(id) => Some(
+                    crate::common::secret(id)
+                        .ok_or_else(|| anyhow!("{tgt}: No secret with id '{id}'"))?,
+                ),
+                None => None,
+            },
         },
     )
     .map_err(|e| anyhow!(open_message(&tspec.path, e)))?;
@@ -305,7 +311,11 @@ pub fn run(args: &[String]) -> Result<i32> {
             writer: writer.as_mut(),
             offset: 0,
             // A new file reads as zeros; a block device does not (no zero-init).
-            is_zero: (!no_create && !target_backing && !tchain.top().files()[0].is_block_device())
+            // Encrypted zeros are not zeros on disk.
+            is_zero: (!no_create
+                && !target_backing
+                && !tchain.top().files()[0].is_block_device()
+                && !tchain.top().encrypted())
                 || o.has("target-is-zero"),
         },
         &ConvertOptions {

@@ -122,6 +122,153 @@ fn af_merge(hash: &str, material: &[u8], kb: usize) -> Result<Vec<u8>, String> {
     Ok(d)
 }
 
+/// Split `key` into `stripes` anti-forensic stripes (the inverse of [`af_merge`]).
+fn af_split(hash: &str, key: &[u8], stripes: usize) -> Result<Vec<u8>, String> {
+    let kb = key.len();
+    let mut out = vec![0u8; kb * stripes];
+    super::random_bytes(&mut out[..kb * (stripes - 1)]).map_err(|e| e.to_string())?;
+    let mut d = vec![0u8; kb];
+    for i in 0..stripes - 1 {
+        for (x, s) in d.iter_mut().zip(&out[i * kb..(i + 1) * kb]) {
+            *x ^= s;
+        }
+        diffuse(hash, &mut d)?;
+    }
+    for (j, x) in d.iter().enumerate() {
+        out[(stripes - 1) * kb + j] = x ^ key[j];
+    }
+    Ok(out)
+}
+
+/// PBKDF2 iterations that take about `ms` milliseconds here (at least 1000, as LUKS asks).
+fn iterations_for(hash: &str, key_len: usize, ms: u64) -> Result<u32, String> {
+    let probe = 1000u32;
+    let mut out = vec![0u8; key_len];
+    let t = std::time::Instant::now();
+    pbkdf2(hash, b"probe", &[0u8; 32], probe, &mut out)?;
+    let per = t.elapsed().as_secs_f64().max(1e-6) / probe as f64;
+    let n = (ms as f64 / 1000.0 / per) as u64;
+    Ok(n.clamp(1000, u32::MAX as u64) as u32)
+}
+
+/// What a new LUKS volume uses (qemu-img's `-o` names; its defaults by [`Default`]).
+#[derive(Clone, Debug)]
+pub struct CreateParams {
+    /// `aes-128`, `aes-192`, `aes-256`
+    pub cipher_alg: String,
+    /// `xts`, `cbc`
+    pub cipher_mode: String,
+    /// `plain64`, `plain`, `essiv`
+    pub ivgen_alg: String,
+    /// hash of `essiv`
+    pub ivgen_hash_alg: Option<String>,
+    /// PBKDF2 hash
+    pub hash_alg: String,
+    /// milliseconds of PBKDF2 per unlock
+    pub iter_time: u64,
+}
+
+impl Default for CreateParams {
+    fn default() -> Self {
+        CreateParams {
+            cipher_alg: "aes-256".into(),
+            cipher_mode: "xts".into(),
+            ivgen_alg: "plain64".into(),
+            ivgen_hash_alg: None,
+            hash_alg: "sha256".into(),
+            iter_time: 2000,
+        }
+    }
+}
+
+/// A new LUKS header area: the bytes from the header through the key material (the
+/// payload starts at the returned header's `payload_offset`), and the master key.
+pub fn create(p: &CreateParams, password: &[u8]) -> Result<(Vec<u8>, LuksHeader, Vec<u8>), String> {
+    let (name, bits) = p
+        .cipher_alg
+        .split_once('-')
+        .ok_or_else(|| format!("Unsupported cipher algorithm '{}'", p.cipher_alg))?;
+    let bits: usize = bits
+        .parse()
+        .map_err(|_| format!("Unsupported cipher algorithm '{}'", p.cipher_alg))?;
+    if name != "aes" || ![128, 192, 256].contains(&bits) {
+        return Err(format!(
+            "cipher '{}' is not supported by rimg yet",
+            p.cipher_alg
+        ));
+    }
+    let key_bytes = bits / 8 * if p.cipher_mode == "xts" { 2 } else { 1 };
+    let mode = match &p.ivgen_hash_alg {
+        Some(h) if p.ivgen_alg == "essiv" => format!("{}-essiv:{h}", p.cipher_mode),
+        _ => format!("{}-{}", p.cipher_mode, p.ivgen_alg),
+    };
+    let stripes = 4000usize;
+    let slot_bytes = (key_bytes * stripes).div_ceil(4096) * 4096;
+    let first_slot = 4096usize;
+    let payload = first_slot + 8 * slot_bytes;
+    let mut master = vec![0u8; key_bytes];
+    let mut mk_salt = [0u8; 32];
+    let mut slot_salt = [0u8; 32];
+    let mut uuid = [0u8; 16];
+    for b in [
+        &mut master[..],
+        &mut mk_salt[..],
+        &mut slot_salt[..],
+        &mut uuid[..],
+    ] {
+        super::random_bytes(b).map_err(|e| e.to_string())?;
+    }
+    uuid[6] = (uuid[6] & 0x0f) | 0x40;
+    uuid[8] = (uuid[8] & 0x3f) | 0x80;
+    let u = uuid.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let uuid_text = format!(
+        "{}-{}-{}-{}-{}",
+        &u[..8],
+        &u[8..12],
+        &u[12..16],
+        &u[16..20],
+        &u[20..]
+    );
+    // QEMU spends an eighth of the time on the master key digest.
+    let iters = iterations_for(&p.hash_alg, key_bytes, p.iter_time)?;
+    let mk_iters = (iters / 8).max(1000);
+    let mut mk_digest = [0u8; 20];
+    pbkdf2(&p.hash_alg, &master, &mk_salt, mk_iters, &mut mk_digest)?;
+    let mut area = vec![0u8; payload];
+    let h = &mut area[..HEADER_SIZE];
+    h[..6].copy_from_slice(MAGIC);
+    h[6..8].copy_from_slice(&1u16.to_be_bytes());
+    h[8..8 + name.len()].copy_from_slice(name.as_bytes());
+    h[40..40 + mode.len()].copy_from_slice(mode.as_bytes());
+    h[72..72 + p.hash_alg.len()].copy_from_slice(p.hash_alg.as_bytes());
+    h[104..108].copy_from_slice(&((payload / 512) as u32).to_be_bytes());
+    h[108..112].copy_from_slice(&(key_bytes as u32).to_be_bytes());
+    h[112..132].copy_from_slice(&mk_digest);
+    h[132..164].copy_from_slice(&mk_salt);
+    h[164..168].copy_from_slice(&mk_iters.to_be_bytes());
+    h[168..168 + uuid_text.len()].copy_from_slice(uuid_text.as_bytes());
+    for i in 0..8 {
+        let s = &mut h[208 + i * 48..208 + (i + 1) * 48];
+        let active: u32 = if i == 0 { SLOT_ACTIVE } else { 0x0000_dead };
+        s[0..4].copy_from_slice(&active.to_be_bytes());
+        if i == 0 {
+            s[4..8].copy_from_slice(&iters.to_be_bytes());
+            s[8..40].copy_from_slice(&slot_salt);
+        }
+        s[40..44].copy_from_slice(&(((first_slot + i * slot_bytes) / 512) as u32).to_be_bytes());
+        s[44..48].copy_from_slice(&(stripes as u32).to_be_bytes());
+    }
+    let header = LuksHeader::parse(&area[..HEADER_SIZE])?;
+    // Slot 0: the master key split into stripes, encrypted with the passphrase's key.
+    let mut derived = vec![0u8; key_bytes];
+    pbkdf2(&p.hash_alg, password, &slot_salt, iters, &mut derived)?;
+    let mut material = af_split(&p.hash_alg, &master, stripes)?;
+    material.resize(material.len().div_ceil(SECTOR) * SECTOR, 0);
+    header.cipher(&derived)?.encrypt(0, &mut material);
+    area[first_slot..first_slot + material.len()].copy_from_slice(&material);
+    Ok((area, header, master))
+}
+
 fn cstr(b: &[u8]) -> String {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
     String::from_utf8_lossy(&b[..end]).into_owned()
@@ -248,8 +395,14 @@ impl LuksHeader {
         Err("Invalid password, cannot unlock any keyslot".into())
     }
 
-    /// `info`'s `encrypt` block for a LUKS image, in qemu-img's key order.
+    /// `info`'s `encrypt` block for a LUKS image, in qemu-img's key order (`format` is
+    /// left out for the `luks` format's own block).
     pub fn info_json(&self, detached: bool) -> Value {
+        self.info_json_with(detached, true)
+    }
+
+    /// As [`LuksHeader::info_json`], with or without the `format` key.
+    pub fn info_json_with(&self, detached: bool, with_format: bool) -> Value {
         let (mode, ivgen_alg, ivgen_hash) = self.mode_parts();
         let mut m = Map::new();
         m.insert("ivgen-alg".into(), json!(ivgen_alg));
@@ -260,7 +413,9 @@ impl LuksHeader {
         if let Some(h) = ivgen_hash {
             m.insert("ivgen-hash-alg".into(), json!(h));
         }
-        m.insert("format".into(), json!("luks"));
+        if with_format {
+            m.insert("format".into(), json!("luks"));
+        }
         m.insert("cipher-mode".into(), json!(mode));
         let slots: Vec<Value> = self
             .slots
@@ -306,5 +461,21 @@ mod tests {
         assert_eq!(j["ivgen-alg"], "plain64");
         assert_eq!(j["slots"][0]["key-offset"], 4096);
         assert!(LuksHeader::parse(&b[..100]).is_err());
+    }
+
+    #[test]
+    fn created_headers_unlock() {
+        let p = CreateParams {
+            iter_time: 5,
+            ..Default::default()
+        };
+        let (area, h, master) = create(&p, b"pw").unwrap();
+        let mut read = |o: u64, buf: &mut [u8]| {
+            buf.copy_from_slice(&area[o as usize..o as usize + buf.len()]);
+            Ok(())
+        };
+        assert_eq!(h.unlock(b"pw", &mut read).unwrap(), master);
+        assert!(h.unlock(b"px", &mut read).is_err());
+        assert_eq!(h.payload_offset, 2_068_480);
     }
 }
