@@ -174,5 +174,35 @@ fn luks_writes_that_qemu_reads() {
         c.check(r.ok(), || r.describe());
         check("t.luks", &mut c);
     }
+    // bench -w encrypts what it writes: qemu-io reads the pattern back.
+    let opts = "driver=luks,file.filename=t.luks,key-secret=sec0";
+    let r = twin.r.rimg(&[
+        "bench",
+        "--object",
+        SECRET,
+        "--image-opts",
+        opts,
+        "-w",
+        "-c",
+        "100",
+        "-d",
+        "8",
+        "--pattern",
+        "5",
+    ]);
+    c.check(r.ok(), || r.describe());
+    let io = crate::util::Cmd::new(crate::util::QEMU_IO, "qemu-io", twin.r.path())
+        .args(&[
+            "--object",
+            SECRET,
+            "--image-opts",
+            opts,
+            "-c",
+            "read -P 5 0 409600",
+        ])
+        .run();
+    c.check(io.ok() && !io.out().contains("verification failed"), || {
+        io.describe()
+    });
     c.finish();
 }

@@ -180,14 +180,12 @@ pub fn run(
         Target::Mapped { chain, writer } => {
             let mut table = Vec::new();
             for (depth, layer) in chain.layers().iter().enumerate() {
-                let mut v = Vec::new();
-                for f in layer.image.files() {
-                    let w = opts.write && depth == 0;
-                    let i = files.add(&engine, f, w, opts.cache)?;
-                    if w {
+                let w = opts.write && depth == 0;
+                let v = files.add_image(&engine, &*layer.image, w, opts.cache)?;
+                if w {
+                    for &i in &v {
                         files.mark_written(i);
                     }
-                    v.push(i);
                 }
                 table.push(v);
             }
@@ -354,6 +352,8 @@ struct SlotState {
     pieces: Vec<Piece>,
     /// the write's allocation, committed when its pieces are done
     ticket: Option<Ticket>,
+    /// the piece in flight (decrypted when an encrypted read completes)
+    current: Option<Piece>,
 }
 
 /// One shard's share of a bench run.
@@ -563,6 +563,15 @@ impl BenchWork {
             return Some(buf);
         };
         buf.set_len(p.len as usize);
+        self.slots[tag as usize].current = Some(p);
+        if self.shared.write && cx.files.encrypted(p.file) {
+            // Ciphertext of the pattern, as QEMU's crypto layer writes it.
+            buf.as_mut_slice().fill(self.shared.pattern);
+            if let Err(e) = cx.files.encrypt(p.file, p.host, buf.as_mut_slice()) {
+                self.err.get_or_insert(request_error(p.host, e));
+                return Some(buf);
+            }
+        }
         let slot = cx.files.slot(p.file, p.host, p.len);
         let kind = if self.shared.write {
             OpKind::Write {
@@ -653,6 +662,17 @@ impl Work for BenchWork {
                 }
             }
             if self.mapped.is_some() && !failed {
+                let cur = self
+                    .slots
+                    .get_mut(tag as usize)
+                    .and_then(|s| s.current.take());
+                if let (Some(p), Some(b), false) = (cur, buf.as_mut(), self.shared.write) {
+                    if cx.files.encrypted(p.file) {
+                        if let Err(e) = cx.files.decrypt(p.file, p.host, b.as_mut_slice()) {
+                            self.err.get_or_insert(request_error(p.host, e));
+                        }
+                    }
+                }
                 if let Some(b) = buf.take() {
                     // More pieces of the same request first.
                     buf = self.next_piece(cx, tag, b);
