@@ -241,6 +241,24 @@ pub trait Image: Send + Sync {
     fn cluster_size(&self) -> Option<u64> {
         None
     }
+    /// Child nodes `info` lists besides `file` (QEMU's `children`), in the order QEMU
+    /// prints them (before `file`): a name such as `extents.0` and the file. The default
+    /// has none.
+    fn child_files(&self) -> Vec<(String, FileId)> {
+        Vec::new()
+    }
+    /// Whether a [`Extent::Zero`] with a host location is allocated data that reads as
+    /// zeros, which `map` reports with `"data": true` (QEMU recursing into the file of a
+    /// vmdk flat extent). The default (raw holes, preallocated zero clusters) is `false`.
+    fn map_zero_is_data(&self) -> bool {
+        false
+    }
+    /// The name human `map` prints for file `file` of this image (`None`: the CLI's
+    /// default, the image name for file 0 and an absolute path otherwise).
+    fn map_file_name(&self, file: FileId) -> Option<String> {
+        let _ = file;
+        None
+    }
     /// The `format-specific` data of `info --output=json` (`None` when qemu prints none).
     fn format_specific(&self) -> Option<serde_json::Value> {
         None

@@ -63,7 +63,8 @@ struct Entry {
 }
 
 impl Entry {
-    fn from_chain(ce: &ChainExtent, start: u64, layers: usize) -> Entry {
+    fn from_chain(ce: &ChainExtent, start: u64, chain: &Chain) -> Entry {
+        let layers = chain.layers().len();
         let len = ce.extent.len();
         let mut e = Entry {
             start,
@@ -85,6 +86,10 @@ impl Entry {
             Extent::Zero { at, .. } => {
                 e.zero = true;
                 e.offset = at.map(|(_, h)| h.0);
+                if let Some((f, _)) = at {
+                    e.file.1 = f.0;
+                    e.data = chain.layers()[e.file.0].image.map_zero_is_data();
+                }
             }
             Extent::Compressed { .. } => {
                 e.data = true;
@@ -235,7 +240,6 @@ pub fn run(args: &[String]) -> Result<i32> {
 }
 
 fn collect(chain: &Chain, start: u64, end: u64) -> Result<Vec<Entry>> {
-    let layers = chain.layers().len();
     let mut entries: Vec<Entry> = Vec::new();
     let mut off = start;
     let mut exts = Vec::new();
@@ -247,7 +251,7 @@ fn collect(chain: &Chain, start: u64, end: u64) -> Result<Vec<Entry>> {
         }
         let mut pos = off;
         for ce in &exts {
-            let e = Entry::from_chain(ce, pos, layers);
+            let e = Entry::from_chain(ce, pos, chain);
             pos += e.length;
             let merged = entries.last_mut().is_some_and(|last| last.try_merge(&e));
             if !merged {
@@ -263,6 +267,9 @@ fn collect(chain: &Chain, start: u64, end: u64) -> Result<Vec<Entry>> {
 /// file as an absolute path (as qemu-img shows it).
 fn file_name(chain: &Chain, (layer, file): (usize, u32)) -> String {
     let l = &chain.layers()[layer];
+    if let Some(name) = l.image.map_file_name(rimg_formats::FileId(file)) {
+        return name;
+    }
     if file == 0 {
         return l.filename.clone();
     }
