@@ -272,6 +272,12 @@ pub trait Image: Send + Sync {
     fn snapshots(&self) -> Vec<SnapshotInfo> {
         Vec::new()
     }
+    /// Whether QEMU's driver info (`bdrv_get_info`) is available for this image: when it is
+    /// not (a vmdk whose extents differ in kind), `info` shows neither `cluster-size` nor
+    /// `dirty-flag`. The default is `true`.
+    fn info_available(&self) -> bool {
+        true
+    }
     /// Whether the image's dirty flag is set (`dirty-flag` in `info`).
     fn dirty(&self) -> bool {
         false

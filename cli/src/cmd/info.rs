@@ -174,7 +174,9 @@ pub fn layer_json(l: &Layer) -> Value {
         m.insert("full-backing-filename".into(), json!(full));
         m.insert("backing-filename".into(), json!(name));
     }
-    m.insert("dirty-flag".into(), json!(l.image.dirty()));
+    if l.image.info_available() {
+        m.insert("dirty-flag".into(), json!(l.image.dirty()));
+    }
     Value::Object(m)
 }
 

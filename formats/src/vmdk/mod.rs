@@ -262,7 +262,8 @@ fn open_sparse_file(
 
 /// The first bytes of `f` (QEMU's `vmdk_read_desc`): at least 4, at most 1 MiB - 1.
 fn read_head(f: &FileLayer) -> Result<Vec<u8>> {
-    let len = f.len()?;
+    // QEMU sees file lengths in whole sectors.
+    let len = f.len()?.div_ceil(512) * 512;
     if len < 4 {
         return Err(corrupt(f.path(), "File is too small, not a valid image"));
     }
@@ -439,6 +440,10 @@ impl Image for VmdkImage {
             return None;
         }
         self.extents[0].sparse().map(SparseExtent::grain_bytes)
+    }
+
+    fn info_available(&self) -> bool {
+        self.uniform()
     }
 
     fn child_files(&self) -> Vec<(String, FileId)> {

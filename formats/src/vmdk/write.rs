@@ -55,6 +55,9 @@ pub(super) struct VmdkWriter {
     tickets: HashMap<u64, Vec<NewGrain>>,
     next_ticket: u64,
     size: u64,
+    /// grains published since the last flush: (file index, host, length) to allocate on
+    /// the host, as QEMU's whole-grain writes allocate them
+    fresh: Vec<(usize, u64, u64)>,
 }
 
 fn unsupported(m: &str) -> Error {
@@ -99,6 +102,7 @@ impl VmdkWriter {
             tickets: HashMap::new(),
             next_ticket: 0,
             size: img.size,
+            fresh: Vec::new(),
         })
     }
 
@@ -223,6 +227,11 @@ impl VmdkWriter {
             if f.len()? < self.min_len[i] {
                 f.set_len(self.min_len[i])?;
             }
+        }
+        // QEMU writes whole grains (zeros around the data): allocate them the same way, so
+        // the image takes the same disk space. Best effort: not every file system can.
+        for (fi, host, len) in self.fresh.drain(..) {
+            let _ = self.files[fi].fallocate(crate::file::Falloc::Allocate, host, len);
         }
         let mut writes = Vec::new();
         for (&(ei, l1i), t) in self.gts.iter_mut().filter(|(_, t)| t.dirty) {
@@ -441,6 +450,9 @@ impl ImageWriter for VmdkWriter {
                     f.write_all_at(&m, ng.host, "grain marker")?;
                 }
                 self.set_entry(ng.ei, ng.grain, (ng.host / 512) as u32)?;
+                let gb = self.sparse(ng.ei).grain_bytes();
+                self.fresh
+                    .push((self.extents[ng.ei].file.0 as usize, ng.host, gb));
             }
             self.update_cid()?;
         }

@@ -1,0 +1,465 @@
+//! vmdk: images of every subformat the real qemu-img makes (and qemu-io writes into) read
+//! the same in rimg (`info`, `map`, `check`, `convert -O raw`); `create -f vmdk` lays files
+//! out as qemu-img does (CID masked: it is random); what `convert -O vmdk` writes passes
+//! `qemu-img check` and `compare`; damaged images fail with one line and no panic.
+
+use crate::util::{Checks, Dir, TestDir, Twin, M};
+
+/// Writes at aligned, unaligned and end-of-disk offsets of a `size`-byte disk.
+fn writes(size: u64) -> Vec<String> {
+    vec![
+        "write -P 0x11 0 64k".into(),
+        "write -P 0x22 100000 3000".into(),
+        "write -P 0x33 1M 130k".into(),
+        "write -z 2M 64k".into(),
+        format!("write -P 0x44 {} 4096", size - 4096),
+        format!("write -P 0x55 {} 512", size - 70000),
+    ]
+}
+
+/// Read-only commands both tools must answer identically on `img`, then `convert -O raw`
+/// byte-identical.
+fn same_reads(c: &mut Checks, d: &Dir, img: &str) {
+    for args in [
+        vec!["info", img],
+        vec!["info", "--output=json", img],
+        vec!["info", "--backing-chain", "--output=json", img],
+        vec!["map", img],
+        vec!["map", "--output=json", img],
+        vec!["check", img],
+        vec!["check", "--output=json", img],
+    ] {
+        c.same(&d.both(&args));
+    }
+    let q = d.qemu(&["convert", "-O", "raw", img, "q.raw"]);
+    let r = d.rimg(&["convert", "-O", "raw", img, "r.raw"]);
+    c.no_panic(&r);
+    if c.check(q.ok() && r.ok(), || {
+        format!("convert -O raw of {img}\n{}{}", q.describe(), r.describe())
+    }) {
+        c.check(d.read("q.raw") == d.read("r.raw"), || {
+            format!("convert -O raw of {img}: rimg's raw differs from qemu-img's")
+        });
+    }
+}
+
+#[test]
+fn read_every_subformat() {
+    let d = TestDir::new();
+    let mut c = Checks::new();
+    let size = 5 * M + 3 * 512;
+    for (name, opts) in [
+        ("ms.vmdk", "subformat=monolithicSparse"),
+        ("mf.vmdk", "subformat=monolithicFlat"),
+        ("ts.vmdk", "subformat=twoGbMaxExtentSparse"),
+        ("tf.vmdk", "subformat=twoGbMaxExtentFlat"),
+        ("zg.vmdk", "zeroed_grain=on,adapter_type=lsilogic"),
+    ] {
+        d.qemu(&[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            opts,
+            name,
+            &size.to_string(),
+        ])
+        .assert_ok();
+        d.qemu_io_fmt("vmdk", name, &writes(size));
+        same_reads(&mut c, &d, name);
+    }
+    // streamOptimized: compressed grains with markers, written by qemu-img convert.
+    d.sparse("src.raw", size);
+    d.qemu_io("src.raw", &writes(size));
+    d.qemu(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        "src.raw",
+        "so.vmdk",
+    ])
+    .assert_ok();
+    same_reads(&mut c, &d, "so.vmdk");
+    c.finish();
+}
+
+/// A hand-written descriptor with several extents of every kind QEMU reads (and lines it
+/// skips: ZERO, RDONLY, unknown types), in a sub-directory.
+#[test]
+fn descriptor_with_many_extents() {
+    let d = TestDir::new();
+    let mut c = Checks::new();
+    d.mkdir("sub");
+    d.patterned(
+        "sub/a.bin",
+        2 * M,
+        &[(0x61, 0, 4096), (0x62, 1536 * 1024, 8192)],
+    );
+    d.patterned("sub/b.bin", 3 * M, &[(0x63, 1024 * 1024, 65536)]);
+    d.qemu(&["create", "-q", "-f", "vmdk", "sub/s.vmdk", "1M"])
+        .assert_ok();
+    d.qemu_io_fmt("vmdk", "sub/s.vmdk", &["write -P 0x64 4096 70000"]);
+    let desc = "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n\
+                createType=\"monolithicFlat\"\n\n# Extent description\n\
+                RW 2048 FLAT \"a.bin\" 1024\nRW 100 ZERO\nRDONLY 8 FLAT \"a.bin\" 0\n\
+                RW 2048 SPARSE \"s.vmdk\"\nRW 4096 VMFS \"b.bin\"\nRW 4 FOO \"x\"\n";
+    d.write_bytes("sub/multi.vmdk", desc.as_bytes());
+    same_reads(&mut c, &d, "sub/multi.vmdk");
+    c.finish();
+}
+
+/// A delta disk: `parentFileNameHint` is the backing file.
+#[test]
+fn delta_disk_backing_chain() {
+    let d = TestDir::new();
+    let mut c = Checks::new();
+    d.qemu(&["create", "-q", "-f", "vmdk", "base.vmdk", "4M"])
+        .assert_ok();
+    d.qemu_io_fmt(
+        "vmdk",
+        "base.vmdk",
+        &["write -P 1 0 1M", "write -P 2 3M 1M"],
+    );
+    d.qemu(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-b",
+        "base.vmdk",
+        "-F",
+        "vmdk",
+        "top.vmdk",
+    ])
+    .assert_ok();
+    d.qemu_io_fmt(
+        "vmdk",
+        "top.vmdk",
+        &[
+            "write -P 3 64k 64k",
+            "write -P 4 3M 1000",
+            "write -P 5 2M 64k",
+        ],
+    );
+    same_reads(&mut c, &d, "top.vmdk");
+    c.same(&d.both(&["info", "--backing-chain", "top.vmdk"]));
+    c.finish();
+}
+
+/// Mask the descriptor's `CID=` and `parentCID=` values (random in both tools) and
+/// collapse runs of zero bytes (a CID one digit shorter moves the rest of the descriptor
+/// by a byte inside its zero-padded area).
+fn mask_cid(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let tag: Option<&[u8]> = if bytes[i..].starts_with(b"\nCID=") {
+            Some(b"\nCID=")
+        } else if bytes[i..].starts_with(b"\nparentCID=") {
+            Some(b"\nparentCID=")
+        } else {
+            None
+        };
+        if let Some(t) = tag {
+            out.extend_from_slice(t);
+            out.push(b'x');
+            i += t.len();
+            while i < bytes.len() && bytes[i].is_ascii_hexdigit() {
+                i += 1;
+            }
+            continue;
+        }
+        if bytes[i] == 0 {
+            if out.last() != Some(&0) {
+                out.push(0);
+            }
+        } else {
+            out.push(bytes[i]);
+        }
+        i += 1;
+    }
+    out
+}
+
+/// `info --output=json` with the random CIDs and the file-system-dependent sizes masked.
+fn info_masked(s: &str) -> String {
+    s.lines()
+        .filter(|l| {
+            !l.contains("\"cid\"") && !l.contains("\"parent-cid\"") && !l.contains("actual-size")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn create_every_option() {
+    let t = Twin::new();
+    let mut c = Checks::new();
+    let cases: &[(&str, &[&str])] = &[
+        ("ms.vmdk", &["-o", "subformat=monolithicSparse"]),
+        ("mf.vmdk", &["-o", "subformat=monolithicFlat"]),
+        ("ts.vmdk", &["-o", "subformat=twoGbMaxExtentSparse"]),
+        ("tf.vmdk", &["-o", "subformat=twoGbMaxExtentFlat"]),
+        ("so.vmdk", &["-o", "subformat=streamOptimized"]),
+        (
+            "opts.vmdk",
+            &[
+                "-o",
+                "adapter_type=lsilogic,hwversion=7,toolsversion=10,zeroed_grain=on",
+            ],
+        ),
+        ("c6.vmdk", &["-o", "compat6=on,adapter_type=buslogic"]),
+        (
+            "esx.vmdk",
+            &[
+                "-o",
+                "adapter_type=legacyESX,compat6=off,hwversion=undefined",
+            ],
+        ),
+        (
+            "pre.vmdk",
+            &["-o", "preallocation=full,nocow=off,extent_size_hint=1M"],
+        ),
+        ("child.vmdk", &["-b", "ms.vmdk", "-F", "vmdk"]),
+        (
+            "child2.vmdk",
+            &[
+                "-o",
+                "backing_file=ms.vmdk,backing_fmt=vmdk,zeroed_grain=on",
+            ],
+        ),
+        // refused, with qemu-img's words
+        ("e1.vmdk", &["-o", "adapter_type=scsi"]),
+        ("e2.vmdk", &["-o", "subformat=sparse"]),
+        ("e3.vmdk", &["-o", "compat6=on,hwversion=7"]),
+        (
+            "e4.vmdk",
+            &["-o", "subformat=monolithicFlat,zeroed_grain=on"],
+        ),
+        (
+            "e5.vmdk",
+            &[
+                "-o",
+                "subformat=monolithicFlat",
+                "-b",
+                "ms.vmdk",
+                "-F",
+                "vmdk",
+            ],
+        ),
+        ("e6.vmdk", &["-o", "backing_fmt=raw,backing_file=ms.vmdk"]),
+        ("e7.vmdk", &["-o", "zeroed_grain=maybe"]),
+        ("e8.vmdk", &["-o", "foo=bar"]),
+    ];
+    for (name, opts) in cases {
+        let mut args = vec!["create", "-f", "vmdk"];
+        args.extend_from_slice(opts);
+        args.push(name);
+        if !name.starts_with("child") {
+            args.push("5243392");
+        }
+        let pair = t.run(&args);
+        c.same(&pair);
+        if !pair.both_ok() {
+            continue;
+        }
+        let stem = name.trim_end_matches(".vmdk");
+        for f in [
+            name.to_string(),
+            format!("{stem}-flat.vmdk"),
+            format!("{stem}-s001.vmdk"),
+            format!("{stem}-f001.vmdk"),
+        ] {
+            if !t.q.exists(&f) {
+                c.check(!t.r.exists(&f), || {
+                    format!("rimg made {f}, qemu-img did not")
+                });
+                continue;
+            }
+            // Descriptor files differ in length with the CID's digits.
+            c.check(t.q.len(&f) < 65536 || t.r.len(&f) == t.q.len(&f), || {
+                format!("{f}: length {} vs qemu-img's {}", t.r.len(&f), t.q.len(&f))
+            });
+            if t.q.len(&f) <= 4 * M {
+                c.check(mask_cid(&t.r.read(&f)) == mask_cid(&t.q.read(&f)), || {
+                    format!("{f}: content differs from qemu-img's (CID masked)")
+                });
+            }
+        }
+        let qi = t.q.qemu(&["info", "--output=json", name]);
+        let ri = t.r.qemu(&["info", "--output=json", name]);
+        c.check(info_masked(&qi.out()) == info_masked(&ri.out()), || {
+            format!("info of {name} differs\n{}{}", qi.describe(), ri.describe())
+        });
+    }
+    c.finish();
+}
+
+#[test]
+fn convert_to_every_subformat() {
+    let t = Twin::new();
+    let mut c = Checks::new();
+    let size = 6 * M + 512;
+    t.s.sparse("src.raw", size);
+    t.s.qemu_io("src.raw", &writes(size));
+    t.s.dense("rnd.raw", M, 7);
+    for sub in [
+        "monolithicSparse",
+        "monolithicFlat",
+        "twoGbMaxExtentSparse",
+        "twoGbMaxExtentFlat",
+        "streamOptimized",
+    ] {
+        for (src, extra) in [("src.raw", ""), ("rnd.raw", ",zeroed_grain=on")] {
+            if sub.ends_with("Flat") && !extra.is_empty() {
+                continue;
+            }
+            let o = format!("subformat={sub}{extra}");
+            let name = format!("{sub}-{}", &src[..3]);
+            let img = format!("{name}.vmdk");
+            let pair = t.run(&[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "vmdk",
+                "-o",
+                &o,
+                &format!("../s/{src}"),
+                &img,
+            ]);
+            c.same(&pair);
+            if !pair.both_ok() {
+                continue;
+            }
+            let chk = t.r.qemu(&["check", &img]);
+            c.check(chk.ok(), || {
+                format!("qemu-img check of rimg's {img}\n{}", chk.describe())
+            });
+            let cmp = t.r.qemu(&[
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                "vmdk",
+                &format!("../s/{src}"),
+                &img,
+            ]);
+            c.check(cmp.ok(), || {
+                format!("qemu-img compare of rimg's {img}\n{}", cmp.describe())
+            });
+            let qi = t.q.qemu(&["info", "--output=json", &img]);
+            let ri = t.r.qemu(&["info", "--output=json", &img]);
+            c.check(info_masked(&qi.out()) == info_masked(&ri.out()), || {
+                format!("info of {img} differs\n{}{}", qi.describe(), ri.describe())
+            });
+            let qm = t.q.qemu(&["map", "--output=json", &img]);
+            let rm = t.r.qemu(&["map", "--output=json", &img]);
+            c.check(qm.out() == rm.out(), || {
+                format!("map of {img} differs\n{}{}", qm.describe(), rm.describe())
+            });
+        }
+    }
+    c.finish();
+}
+
+/// Damaged images: one clear line on stderr, a non-zero exit, no panic, the file unchanged;
+/// qemu-img's exact words where they do not depend on its internals.
+#[test]
+fn damaged_images() {
+    let d = TestDir::new();
+    let mut c = Checks::new();
+    d.qemu(&["create", "-q", "-f", "vmdk", "good.vmdk", "4M"])
+        .assert_ok();
+    d.qemu_io_fmt("vmdk", "good.vmdk", &["write -P 7 0 256k"]);
+    let good = d.read("good.vmdk");
+    let le32 = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+    let gd = le32(&good, 56) as usize * 512;
+    let gt = le32(&good, gd) as usize * 512;
+    // (name, bytes, compare stderr with qemu-img's)
+    let mut cases: Vec<(&str, Vec<u8>, bool)> = vec![
+        ("tiny.vmdk", b"KD".to_vec(), false),
+        ("hdr.vmdk", good[..40].to_vec(), true),
+        ("short.vmdk", good[..1000].to_vec(), true),
+    ];
+    let mut gd_past = good.clone();
+    gd_past[56..64].copy_from_slice(&(1u64 << 30).to_le_bytes());
+    cases.push(("gdpast.vmdk", gd_past, false));
+    let mut gt_past = good.clone();
+    gt_past[gd..gd + 4].copy_from_slice(&0x7fff_0000u32.to_le_bytes());
+    cases.push(("gtpast.vmdk", gt_past, false));
+    let mut grain_past = good.clone();
+    grain_past[gt..gt + 4].copy_from_slice(&0x00ff_0000u32.to_le_bytes());
+    cases.push(("grainpast.vmdk", grain_past, false));
+    let descs: &[(&str, &str)] = &[
+        ("nodesc.vmdk", "version=1\nCID=1\nparentCID=ffffffff\n"),
+        (
+            "badtype.vmdk",
+            "version=1\nCID=1\nparentCID=ffffffff\ncreateType=\"weird\"\n",
+        ),
+        (
+            "badline.vmdk",
+            "version=1\nCID=1\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\nRW 8 FLAT \"good.vmdk\"\n",
+        ),
+        (
+            "missing.vmdk",
+            "version=1\nCID=1\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\nRW 8 FLAT \"nothere.bin\" 0\n",
+        ),
+        (
+            "badcid.vmdk",
+            "version=1\nCID=zz\nparentCID=zz\ncreateType=\"monolithicFlat\"\nRW 8 FLAT \"good.vmdk\" 0\n",
+        ),
+        (
+            "notvmdk.vmdk",
+            "version=1\nCID=1\nparentCID=ffffffff\ncreateType=\"twoGbMaxExtentSparse\"\nRW 8 SPARSE \"tiny.vmdk\"\n",
+        ),
+    ];
+    for (n, text) in descs {
+        cases.push((n, text.as_bytes().to_vec(), true));
+    }
+    for (name, bytes, _) in &cases {
+        d.write_bytes(name, bytes);
+    }
+    for (name, _, exact) in &cases {
+        let before = d.state(name);
+        for cmd in [
+            vec!["info", *name],
+            vec!["convert", "-O", "raw", *name, "out.raw"],
+            vec!["map", "--output=json", *name],
+        ] {
+            let pair = d.both(&cmd);
+            let r = &pair.rimg;
+            c.no_panic(r);
+            if *exact && cmd[0] == "info" {
+                c.same(&pair);
+                continue;
+            }
+            if pair.qemu.ok() {
+                continue; // qemu reads zeros past the end of the file here
+            }
+            c.check(!r.ok(), || {
+                format!("rimg accepted {name}\n{}", r.describe())
+            });
+            c.check(r.err().trim_end().lines().count() == 1, || {
+                format!("rimg's error on {name} is not one line\n{}", r.describe())
+            });
+        }
+        c.check(d.state(name) == before, || format!("{name} changed"));
+    }
+    // Reads past the end of the file: rimg refuses where qemu-img reads zeros.
+    for name in ["gdpast.vmdk", "gtpast.vmdk", "grainpast.vmdk"] {
+        let r = d.rimg(&["convert", "-O", "raw", name, "out.raw"]);
+        c.no_panic(&r);
+        c.check(!r.ok() && r.err().trim_end().lines().count() == 1, || {
+            format!("rimg on {name}\n{}", r.describe())
+        });
+    }
+    // check: qemu-img's own words for a grain past the end.
+    c.same(&d.both(&["check", "grainpast.vmdk"]));
+    c.finish();
+}
