@@ -463,3 +463,209 @@ fn damaged_images() {
     c.same(&d.both(&["check", "grainpast.vmdk"]));
     c.finish();
 }
+
+/// A zlib stream of `data` in stored (uncompressed) deflate blocks.
+fn zlib_stored(data: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x78, 0x01];
+    let chunks: Vec<&[u8]> = data.chunks(65535).collect();
+    for (i, c) in chunks.iter().enumerate() {
+        out.push(u8::from(i + 1 == chunks.len()));
+        let n = c.len() as u16;
+        out.extend_from_slice(&n.to_le_bytes());
+        out.extend_from_slice(&(!n).to_le_bytes());
+        out.extend_from_slice(c);
+    }
+    let (mut a, mut b) = (1u32, 0u32);
+    for &x in data {
+        a = (a + u32::from(x)) % 65521;
+        b = (b + a) % 65521;
+    }
+    out.extend_from_slice(&((b << 16) | a).to_be_bytes());
+    out
+}
+
+/// A streamOptimized image as VMware writes it: the header's grain directory offset says
+/// "at the end", grains, grain table and grain directory each follow a marker, and a
+/// footer (a copy of the header with the real offset) precedes the end-of-stream marker.
+fn vmware_stream(capacity: u64, grains: &[(u64, u8)]) -> Vec<u8> {
+    let header = |gd: u64| {
+        let mut h = vec![0u8; 512];
+        h[0..4].copy_from_slice(b"KDMV");
+        h[4..8].copy_from_slice(&3u32.to_le_bytes());
+        h[8..12].copy_from_slice(&0x0003_0001u32.to_le_bytes());
+        h[12..20].copy_from_slice(&capacity.to_le_bytes());
+        h[20..28].copy_from_slice(&128u64.to_le_bytes());
+        h[28..36].copy_from_slice(&1u64.to_le_bytes());
+        h[36..44].copy_from_slice(&20u64.to_le_bytes());
+        h[44..48].copy_from_slice(&512u32.to_le_bytes());
+        h[56..64].copy_from_slice(&gd.to_le_bytes());
+        h[64..72].copy_from_slice(&128u64.to_le_bytes());
+        h[73..77].copy_from_slice(&[0x0a, 0x20, 0x0d, 0x0a]);
+        h[77..79].copy_from_slice(&1u16.to_le_bytes());
+        h
+    };
+    let marker = |val: u64, kind: u32| {
+        let mut m = vec![0u8; 512];
+        m[0..8].copy_from_slice(&val.to_le_bytes());
+        m[12..16].copy_from_slice(&kind.to_le_bytes());
+        m
+    };
+    let mut f = header(u64::MAX);
+    let desc = "# Disk DescriptorFile\nversion=1\nCID=2a2a2a2a\nparentCID=ffffffff\n\
+                createType=\"streamOptimized\"\n\n# Extent description\n\
+                RW 2048 SPARSE \"vmware.vmdk\"\n";
+    let mut d = desc.as_bytes().to_vec();
+    d.resize(20 * 512, 0);
+    f.extend_from_slice(&d);
+    f.resize(128 * 512, 0);
+    let mut gt = vec![0u8; 2048];
+    for &(g, byte) in grains {
+        let start = g * 65536;
+        let len = (capacity * 512 - start).min(65536) as usize;
+        let data: Vec<u8> = (0..len).map(|i| byte ^ (i / 512) as u8).collect();
+        let z = zlib_stored(&data);
+        gt[g as usize * 4..g as usize * 4 + 4]
+            .copy_from_slice(&((f.len() / 512) as u32).to_le_bytes());
+        f.extend_from_slice(&(start / 512).to_le_bytes());
+        f.extend_from_slice(&(z.len() as u32).to_le_bytes());
+        f.extend_from_slice(&z);
+        f.resize(f.len().div_ceil(512) * 512, 0);
+    }
+    f.extend_from_slice(&marker(4, 1));
+    let gt_sector = f.len() / 512;
+    f.extend_from_slice(&gt);
+    f.extend_from_slice(&marker(1, 2));
+    let gd_sector = (f.len() / 512) as u64;
+    let mut gd = vec![0u8; 512];
+    gd[0..4].copy_from_slice(&(gt_sector as u32).to_le_bytes());
+    f.extend_from_slice(&gd);
+    f.extend_from_slice(&marker(1, 3));
+    f.extend_from_slice(&header(gd_sector));
+    f.extend_from_slice(&marker(0, 0));
+    f
+}
+
+#[test]
+fn stream_optimized_with_footer() {
+    let d = TestDir::new();
+    let mut c = Checks::new();
+    d.write_bytes(
+        "vmware.vmdk",
+        &vmware_stream(2048 + 7, &[(0, 0x10), (5, 0x20), (16, 0x30)]),
+    );
+    same_reads(&mut c, &d, "vmware.vmdk");
+    // Damaged footer: qemu-img's words.
+    let mut bad = vmware_stream(2048, &[(1, 0x40)]);
+    let n = bad.len();
+    bad[n - 1024] = b'X';
+    d.write_bytes("badfooter.vmdk", &bad);
+    c.same(&d.both(&["info", "badfooter.vmdk"]));
+    c.finish();
+}
+
+/// An ESX sparse (`COWD`) extent file: grain directory at sector 4, one grain table of 4096
+/// entries after it, grains of `gran` sectors after that.
+fn cowd_extent(sectors: u32, gran: u32, grains: &[(u32, u8)]) -> Vec<u8> {
+    let gd_entries = sectors.div_ceil(4096 * gran);
+    let mut f = vec![0u8; 2048];
+    f[0..4].copy_from_slice(b"COWD");
+    for (i, v) in [1u32, 3, sectors, gran, 4, gd_entries].iter().enumerate() {
+        f[4 + i * 4..8 + i * 4].copy_from_slice(&v.to_le_bytes());
+    }
+    let gt_sector = 4 + gd_entries.div_ceil(128);
+    f.resize(gt_sector as usize * 512, 0);
+    f[2048..2052].copy_from_slice(&gt_sector.to_le_bytes());
+    let mut gt = vec![0u8; 4096 * 4];
+    let mut next = gt_sector + 32;
+    let mut data = Vec::new();
+    for &(g, byte) in grains {
+        gt[g as usize * 4..g as usize * 4 + 4].copy_from_slice(&next.to_le_bytes());
+        data.extend(std::iter::repeat_n(byte, gran as usize * 512));
+        next += gran;
+    }
+    f.extend_from_slice(&gt);
+    f.extend_from_slice(&data);
+    f
+}
+
+#[test]
+fn vmfs_sparse_extents() {
+    let d = TestDir::new();
+    let mut c = Checks::new();
+    d.write_bytes(
+        "d-delta.vmdk",
+        &cowd_extent(4096, 8, &[(0, 1), (7, 2), (300, 3)]),
+    );
+    d.write_bytes("e-delta.vmdk", &cowd_extent(2048, 2, &[(5, 4)]));
+    let desc = "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n\
+                createType=\"vmfsSparse\"\n\n# Extent description\n\
+                RW 4096 VMFSSPARSE \"d-delta.vmdk\"\nRW 2048 VMFSSPARSE \"e-delta.vmdk\"\n";
+    d.write_bytes("d.vmdk", desc.as_bytes());
+    same_reads(&mut c, &d, "d.vmdk");
+    c.finish();
+}
+
+/// An seSparse extent of `sectors`: const header, volatile header, a one-sector grain
+/// directory, one grain table, then 4 KiB grains. `grains`: (grain index, table entry
+/// kind: 3 = allocated with this fill byte, 2 = zero, 1 = unmapped).
+fn sesparse_extent(sectors: u64, grains: &[(u64, u8, u8)]) -> Vec<u8> {
+    let mut f = vec![0u8; 512];
+    let fields: [(usize, u64); 14] = [
+        (0, 0xcafe_babe),
+        (1, 0x0000_0002_0000_0001),
+        (2, sectors),
+        (3, 8),
+        (4, 64),
+        (10, 1),
+        (11, 1),
+        (16, 2),
+        (17, 1),
+        (18, 3),
+        (19, 64),
+        (24, 67),
+        (25, 1024),
+        (12, 0),
+    ];
+    for (i, v) in fields {
+        f[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+    }
+    let mut vol = vec![0u8; 512];
+    vol[0..8].copy_from_slice(&0xcafe_cafeu64.to_le_bytes());
+    f.extend_from_slice(&vol);
+    let mut gd = vec![0u8; 512];
+    gd[0..8].copy_from_slice(&0x1000_0000_0000_0000u64.to_le_bytes());
+    f.extend_from_slice(&gd);
+    let mut gt = vec![0u8; 4096 * 8];
+    let mut data = Vec::new();
+    let mut next = 0u64;
+    for &(g, kind, byte) in grains {
+        let v = match kind {
+            3 => {
+                data.extend(std::iter::repeat_n(byte, 4096));
+                next += 1;
+                0x3000_0000_0000_0000 | ((next - 1) << 48)
+            }
+            k => u64::from(k) << 60,
+        };
+        gt[g as usize * 8..g as usize * 8 + 8].copy_from_slice(&v.to_le_bytes());
+    }
+    f.extend_from_slice(&gt);
+    f.extend_from_slice(&data);
+    f
+}
+
+#[test]
+fn sesparse_extent_reads() {
+    let d = TestDir::new();
+    let mut c = Checks::new();
+    d.write_bytes(
+        "se-sesparse.vmdk",
+        &sesparse_extent(8192, &[(0, 3, 9), (1, 2, 0), (2, 1, 0), (100, 3, 8)]),
+    );
+    let desc = "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n\
+                createType=\"seSparse\"\n\n# Extent description\n\
+                RW 8192 SESPARSE \"se-sesparse.vmdk\"\n";
+    d.write_bytes("se.vmdk", desc.as_bytes());
+    same_reads(&mut c, &d, "se.vmdk");
+    c.finish();
+}
