@@ -139,7 +139,8 @@ pub fn convert(
         target_zero: target.is_zero,
     };
     // -c: the target's cluster size and codec; units are whole target clusters.
-    let squeeze = if opts.compress || plan.writer.always_compressed() {
+    let compress = opts.compress && !plan.writer.compressed_writes_are_plain();
+    let squeeze = if compress || plan.writer.always_compressed() {
         match plan.writer.compression_unit() {
             Some(u) => Some(u),
             None => {

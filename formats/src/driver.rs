@@ -359,6 +359,11 @@ pub trait ImageWriter: Send {
     fn always_compressed(&self) -> bool {
         false
     }
+    /// Whether `convert -c` writes plain (uncompressed) data into this image, as QEMU's
+    /// vmdk does for extents that are not compressed. The default is `false`.
+    fn compressed_writes_are_plain(&self) -> bool {
+        false
+    }
     /// Before `commit`: the engine wrote nothing to these guest ranges of `ticket` (they are
     /// all zeros on a target that reads as zeros). A format may drop allocations wholly
     /// inside them instead of publishing them. The default keeps everything.

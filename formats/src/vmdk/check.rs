@@ -2,7 +2,7 @@
 //! must be readable from the grain tables and start inside its extent's file. QEMU stops
 //! at the first problem.
 
-use super::map::{lookup, Grain};
+use super::map::{Grain, Walker};
 use super::{ExtentKind, VmdkImage};
 use crate::error::Result;
 use crate::qcow2::CheckReport;
@@ -15,6 +15,8 @@ pub fn check(img: &VmdkImage) -> Result<CheckReport> {
     };
     let total = img.size / 512;
     let mut sector = 0u64;
+    let mut walker = Walker::default();
+    let lens: Vec<u64> = img.files.iter().map(|f| f.len()).collect::<Result<_>>()?;
     while sector < total {
         let Some(ei) = img.find_extent(sector * 512) else {
             rep.messages
@@ -25,7 +27,10 @@ pub fn check(img: &VmdkImage) -> Result<CheckReport> {
         let e = &img.extents[ei];
         let (found, step) = match &e.kind {
             ExtentKind::Flat { offset } => (Ok(Grain::At(*offset)), e.sectors),
-            ExtentKind::Sparse(s) => (lookup(img, ei, sector * 512 - e.start), s.cluster_sectors),
+            ExtentKind::Sparse(s) => (
+                walker.lookup(img, ei, sector * 512 - e.start),
+                s.cluster_sectors,
+            ),
         };
         match found {
             Err(_) => {
@@ -36,8 +41,7 @@ pub fn check(img: &VmdkImage) -> Result<CheckReport> {
                 break;
             }
             Ok(Grain::At(h)) => {
-                let len = img.files[e.file.0 as usize].len()?;
-                if h >= len {
+                if h >= lens[e.file.0 as usize] {
                     rep.messages.push(format!(
                         "ERROR: cluster offset for sector {sector} points after EOF"
                     ));

@@ -106,13 +106,8 @@ fn grain_table(
     Ok(Some(t))
 }
 
-/// Look up the grain holding byte `rel` of sparse extent `ei` (QEMU's
-/// `get_cluster_offset` without allocation).
-pub fn lookup(img: &VmdkImage, ei: usize, rel: u64) -> Result<Grain> {
-    let e = &img.extents[ei];
-    let Some(s) = e.sparse() else {
-        return Ok(Grain::At(0));
-    };
+/// The grain directory index of byte `rel` of sparse extent `ei`, and its grain table.
+fn table_of(img: &VmdkImage, ei: usize, s: &SparseExtent, rel: u64) -> Result<(u64, Table)> {
     let sector = rel >> 9;
     let l1i = sector / u64::from(s.l1_entry_sectors);
     if l1i >= s.l1.len() as u64 {
@@ -122,11 +117,11 @@ pub fn lookup(img: &VmdkImage, ei: usize, rel: u64) -> Result<Grain> {
             format!("guest sector {sector} is beyond the grain directory"),
         ));
     }
-    let Some(t) = grain_table(img, ei, s, l1i)? else {
-        return Ok(Grain::Unallocated);
-    };
-    let l2i = (sector / s.cluster_sectors) % u64::from(s.l2_size);
-    let v = t[l2i as usize];
+    Ok((l1i, grain_table(img, ei, s, l1i)?))
+}
+
+/// What grain table entry `v` of sparse extent `ei` means.
+fn decode(img: &VmdkImage, ei: usize, s: &SparseExtent, v: u64) -> Result<Grain> {
     if s.sesparse {
         return match v & 0xf000_0000_0000_0000 {
             0 if v == 0 => Ok(Grain::Unallocated),
@@ -151,6 +146,40 @@ pub fn lookup(img: &VmdkImage, ei: usize, rel: u64) -> Result<Grain> {
         return Ok(Grain::Unallocated);
     }
     Ok(Grain::At(v << 9))
+}
+
+/// Index of the entry for byte `rel` inside its grain table.
+fn slot(s: &SparseExtent, rel: u64) -> usize {
+    (((rel >> 9) / s.cluster_sectors) % u64::from(s.l2_size)) as usize
+}
+
+/// A grain table, when allocated.
+type Table = Option<Arc<Vec<u64>>>;
+
+/// Repeated lookups that keep the last grain table at hand (for walks over many grains).
+#[derive(Default)]
+pub struct Walker {
+    last: Option<((usize, u64), Table)>,
+}
+
+impl Walker {
+    /// Look up the grain holding byte `rel` of sparse extent `ei` (QEMU's
+    /// `get_cluster_offset` without allocation).
+    pub fn lookup(&mut self, img: &VmdkImage, ei: usize, rel: u64) -> Result<Grain> {
+        let Some(s) = img.extents[ei].sparse() else {
+            return Ok(Grain::At(0));
+        };
+        let l1i = (rel >> 9) / u64::from(s.l1_entry_sectors);
+        let hit = matches!(&self.last, Some((k, _)) if *k == (ei, l1i));
+        if !hit {
+            let (l1i, t) = table_of(img, ei, s, rel)?;
+            self.last = Some(((ei, l1i), t));
+        }
+        match self.last.as_ref().and_then(|(_, t)| t.as_ref()) {
+            None => Ok(Grain::Unallocated),
+            Some(t) => decode(img, ei, s, t[slot(s, rel)]),
+        }
+    }
 }
 
 /// Map `len` bytes from `off` (see [`crate::Image::map`]).
@@ -207,11 +236,25 @@ pub fn map(img: &VmdkImage, off: GuestOff, len: u64, out: &mut Vec<Extent>) -> R
             let gb = s.grain_bytes();
             let mut pos = off.0;
             let flen = f.len()?;
+            let span = u64::from(s.l1_entry_sectors) * 512;
+            let mut table: Option<(u64, Table)> = None;
             while pos < end {
                 let rel = pos - e.start;
                 let in_grain = rel % gb;
-                let n = (gb - in_grain).min(end - pos);
-                let ext = match lookup(img, ei, rel)? {
+                let mut n = (gb - in_grain).min(end - pos);
+                let l1i = rel / span;
+                if table.as_ref().is_none_or(|t| t.0 != l1i) {
+                    table = Some(table_of(img, ei, s, rel)?);
+                }
+                let grain = match table.as_ref().and_then(|t| t.1.as_ref()) {
+                    Some(t) => decode(img, ei, s, t[slot(s, rel)])?,
+                    None => {
+                        // No grain table: the whole span it would cover is unallocated.
+                        n = ((l1i + 1) * span - rel).min(end - pos);
+                        Grain::Unallocated
+                    }
+                };
+                let ext = match grain {
                     Grain::Unallocated => Extent::Unallocated { len: n, at: None },
                     Grain::Zeroed => Extent::Zero {
                         len: n,

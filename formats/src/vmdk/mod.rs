@@ -127,7 +127,7 @@ impl FormatDriver for VmdkDriver {
         _options: &OptionMap,
     ) -> Result<(u64, u64)> {
         Err(Error::Unsupported(
-            "Format driver 'vmdk' does not support measure".into(),
+            "Block driver 'vmdk' does not support size measurement".into(),
         ))
     }
 }

@@ -340,6 +340,10 @@ impl ImageWriter for VmdkWriter {
             .then_some((s.grain_bytes(), crate::extent::Codec::ZlibStream))
     }
 
+    fn compressed_writes_are_plain(&self) -> bool {
+        !self.always_compressed()
+    }
+
     fn always_compressed(&self) -> bool {
         self.extents
             .iter()
