@@ -669,3 +669,67 @@ fn sesparse_extent_reads() {
     same_reads(&mut c, &d, "se.vmdk");
     c.finish();
 }
+
+/// `convert -n` into images qemu-img made (some with data already in them), and `-c`:
+/// the result passes `qemu-img check` and compares equal to the source.
+#[test]
+fn convert_into_qemu_created_images() {
+    let d = TestDir::new();
+    let mut c = Checks::new();
+    let size = 4 * M + 1024;
+    d.sparse("src.raw", size);
+    d.qemu_io("src.raw", &writes(size));
+    for (opts, prefill, extra) in [
+        ("subformat=monolithicSparse", true, ""),
+        ("subformat=monolithicSparse", false, "-c"),
+        ("zeroed_grain=on", true, ""),
+        ("subformat=twoGbMaxExtentSparse", true, ""),
+        ("subformat=monolithicFlat", true, ""),
+        ("subformat=twoGbMaxExtentFlat", false, "-c"),
+        ("subformat=streamOptimized", false, ""),
+        ("subformat=streamOptimized", false, "-c"),
+    ] {
+        let _ = std::fs::remove_file(d.join("t.vmdk"));
+        d.qemu(&[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            opts,
+            "t.vmdk",
+            &size.to_string(),
+        ])
+        .assert_ok();
+        if prefill {
+            d.qemu_io_fmt(
+                "vmdk",
+                "t.vmdk",
+                &[
+                    "write -P 0x77 0 200k",
+                    "write -P 0x78 3M 64k",
+                    "write -z 1M 64k",
+                ],
+            );
+        }
+        let mut args = vec!["convert", "-n", "-f", "raw", "-O", "vmdk"];
+        if !extra.is_empty() {
+            args.push(extra);
+        }
+        args.extend_from_slice(&["src.raw", "t.vmdk"]);
+        let r = d.rimg(&args);
+        c.no_panic(&r);
+        c.check(r.ok(), || {
+            format!("rimg convert -n ({opts} {extra})\n{}", r.describe())
+        });
+        let chk = d.qemu(&["check", "t.vmdk"]);
+        c.check(chk.ok(), || {
+            format!("qemu-img check ({opts} {extra})\n{}", chk.describe())
+        });
+        let cmp = d.qemu(&["compare", "-f", "raw", "-F", "vmdk", "src.raw", "t.vmdk"]);
+        c.check(cmp.ok(), || {
+            format!("qemu-img compare ({opts} {extra})\n{}", cmp.describe())
+        });
+    }
+    c.finish();
+}

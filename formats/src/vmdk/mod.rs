@@ -37,6 +37,16 @@ pub struct VmdkDriver;
 /// The one instance, listed in [`crate::registry::DRIVERS`].
 pub static VMDK: VmdkDriver = VmdkDriver;
 
+/// The `createType`s QEMU opens from a descriptor file.
+const DESCRIPTOR_TYPES: &[&str] = &[
+    "monolithicFlat",
+    "vmfs",
+    "vmfsSparse",
+    "seSparse",
+    "twoGbMaxExtentSparse",
+    "twoGbMaxExtentFlat",
+];
+
 /// Descriptor bytes QEMU reads at most.
 const MAX_DESC: u64 = (1 << 20) - 1;
 
@@ -303,15 +313,7 @@ impl VmdkImage {
                 let Some(ct) = descriptor::quoted_value(desc, "createType", 128) else {
                     return Err(corrupt(&path, "invalid VMDK image descriptor"));
                 };
-                if !matches!(
-                    ct.as_str(),
-                    "monolithicFlat"
-                        | "vmfs"
-                        | "vmfsSparse"
-                        | "seSparse"
-                        | "twoGbMaxExtentSparse"
-                        | "twoGbMaxExtentFlat"
-                ) {
+                if !DESCRIPTOR_TYPES.contains(&ct.as_str()) {
                     return Err(Error::Unsupported(format!("Unsupported image type '{ct}'")));
                 }
                 let lines = descriptor::extent_lines(desc)

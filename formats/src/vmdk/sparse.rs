@@ -120,10 +120,25 @@ pub fn open_vmdk4(f: &FileLayer, id: FileId, kind: &str, write: bool) -> Result<
     let head = read_padded(f, 0, 512, "VMDK header")?;
     let mut h = Vmdk4Header::parse(&head);
     if h.capacity == 0 && h.desc_offset != 0 {
-        return Err(Error::Unsupported(
-            "VMDK sparse extents with an embedded descriptor and no capacity are not supported by rimg yet"
-                .into(),
-        ));
+        // QEMU then reads the embedded descriptor as a descriptor file.
+        let len = f.len()?.div_ceil(512) * 512;
+        let d = read_padded(
+            f,
+            h.desc_offset << 9,
+            len.min((1 << 20) - 1) as usize,
+            "descriptor",
+        )?;
+        let d = super::descriptor::c_str(&d);
+        return Err(match super::descriptor::quoted_value(d, "createType", 128) {
+            None => corrupt(f, "invalid VMDK image descriptor"),
+            Some(ct) if !super::DESCRIPTOR_TYPES.contains(&ct.as_str()) => {
+                Error::Unsupported(format!("Unsupported image type '{ct}'"))
+            }
+            Some(_) => Error::Unsupported(
+                "VMDK sparse extents with an embedded descriptor and no capacity are not supported by rimg yet"
+                    .into(),
+            ),
+        });
     }
     let file_len = f.len()?;
     let gd_at_end = h.gd_offset == GD_AT_END;
