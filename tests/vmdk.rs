@@ -28,6 +28,7 @@ fn same_reads(c: &mut Checks, d: &Dir, img: &str) {
         vec!["map", "--output=json", img],
         vec!["check", img],
         vec!["check", "--output=json", img],
+        vec!["check", "-r", "all", img],
     ] {
         c.same(&d.both(&args));
     }

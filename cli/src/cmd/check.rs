@@ -93,6 +93,10 @@ pub fn run(args: &[String]) -> Result<i32> {
         return Ok(63);
     };
     if o.has("repair") {
+        if result.as_ref().is_ok_and(|r| r.no_repair) {
+            report("This image format does not support checks");
+            return Ok(63);
+        }
         anyhow::bail!("repairing images is not supported by rimg yet");
     }
     let r = match result {

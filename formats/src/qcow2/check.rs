@@ -37,6 +37,9 @@ pub struct CheckReport {
     /// the format reports no allocation statistics or image end (vmdk): `check` prints
     /// only the error counts
     pub no_stats: bool,
+    /// the format cannot repair (QEMU's vmdk): `check -r` says the format does not support
+    /// checks, exit 63
+    pub no_repair: bool,
     /// the check itself failed after printing `messages` (qemu-img's `Check failed: ...`,
     /// exit 1), with this reason
     pub fatal: Option<String>,

@@ -11,6 +11,7 @@ use crate::qcow2::CheckReport;
 pub fn check(img: &VmdkImage) -> Result<CheckReport> {
     let mut rep = CheckReport {
         no_stats: true,
+        no_repair: true,
         ..Default::default()
     };
     let total = img.size / 512;
