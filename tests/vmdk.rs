@@ -734,3 +734,101 @@ fn convert_into_qemu_created_images() {
     }
     c.finish();
 }
+
+/// `convert -B` into a vmdk delta disk: grains the source's top layer fills whole (or with
+/// data and zeros together) are written; a grain that would need the backing file's data
+/// is refused with one line rather than written wrong.
+#[test]
+fn convert_with_backing_file() {
+    let d = TestDir::new();
+    let mut c = Checks::new();
+    d.qemu(&["create", "-q", "-f", "vmdk", "base.vmdk", "4M"])
+        .assert_ok();
+    d.qemu_io_fmt("vmdk", "base.vmdk", &["write -P 1 0 4M"]);
+    d.qemu(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-b",
+        "base.vmdk",
+        "-F",
+        "vmdk",
+        "top.vmdk",
+    ])
+    .assert_ok();
+    d.qemu_io_fmt(
+        "vmdk",
+        "top.vmdk",
+        &["write -P 2 100k 10k", "write -P 3 2M 64k"],
+    );
+    d.sparse("src.raw", 4 * M);
+    d.qemu_io("src.raw", &["write -P 9 100k 10k", "write -P 8 1M 3k"]);
+    for (src, fmt, sub) in [
+        ("top.vmdk", "vmdk", "monolithicSparse"),
+        ("top.vmdk", "vmdk", "streamOptimized"),
+        ("src.raw", "raw", "monolithicSparse"),
+    ] {
+        let _ = std::fs::remove_file(d.join("out.vmdk"));
+        let o = format!("subformat={sub}");
+        let r = d.rimg(&[
+            "convert",
+            "-f",
+            fmt,
+            "-O",
+            "vmdk",
+            "-o",
+            &o,
+            "-B",
+            "base.vmdk",
+            "-F",
+            "vmdk",
+            src,
+            "out.vmdk",
+        ]);
+        c.no_panic(&r);
+        c.check(r.ok(), || {
+            format!("convert -B {src} ({sub})\n{}", r.describe())
+        });
+        let cmp = d.qemu(&["compare", "-f", fmt, "-F", "vmdk", src, "out.vmdk"]);
+        c.check(cmp.ok(), || {
+            format!("compare {src} ({sub})\n{}", cmp.describe())
+        });
+        let chk = d.qemu(&["check", "out.vmdk"]);
+        c.check(chk.ok(), || {
+            format!("check {src} ({sub})\n{}", chk.describe())
+        });
+    }
+    d.qemu(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "-b",
+        "base.vmdk",
+        "-F",
+        "vmdk",
+        "qt.qcow2",
+    ])
+    .assert_ok();
+    d.qemu_io_fmt("qcow2", "qt.qcow2", &["write -P 9 100k 4k"]);
+    let _ = std::fs::remove_file(d.join("out.vmdk"));
+    let r = d.rimg(&[
+        "convert",
+        "-O",
+        "vmdk",
+        "-B",
+        "base.vmdk",
+        "-F",
+        "vmdk",
+        "qt.qcow2",
+        "out.vmdk",
+    ]);
+    c.no_panic(&r);
+    c.check(!r.ok() && r.err().trim_end().lines().count() == 1, || {
+        format!("convert -B needing copy-on-write\n{}", r.describe())
+    });
+    c.finish();
+}

@@ -58,6 +58,9 @@ pub(super) struct VmdkWriter {
     /// grains published since the last flush: (file index, host, length) to allocate on
     /// the host, as QEMU's whole-grain writes allocate them
     fresh: Vec<(usize, u64, u64)>,
+    /// new grains over a backing file not yet wholly written: (extent, grain) -> bytes
+    /// written or zeroed so far (the rest would have to come from the backing file)
+    partial: HashMap<(usize, u64), u64>,
 }
 
 fn unsupported(m: &str) -> Error {
@@ -103,6 +106,7 @@ impl VmdkWriter {
             next_ticket: 0,
             size: img.size,
             fresh: Vec::new(),
+            partial: HashMap::new(),
         })
     }
 
@@ -199,6 +203,31 @@ impl VmdkWriter {
         self.min_len[fi] = self.min_len[fi].max(end);
     }
 
+    /// Guest bytes of grain `g` of extent `ei` (the last grain of an extent may be short).
+    fn grain_len(&self, ei: usize, g: u64) -> u64 {
+        let e = &self.extents[ei];
+        let gb = self.sparse(ei).grain_bytes();
+        gb.min(e.len() - g * gb)
+    }
+
+    /// `n` more bytes of a new grain over a backing file were written or zeroed.
+    fn cover(&mut self, ei: usize, g: u64, n: u64) {
+        let glen = self.grain_len(ei, g);
+        if let Some(c) = self.partial.get_mut(&(ei, g)) {
+            *c += n;
+            if *c >= glen {
+                self.partial.remove(&(ei, g));
+            }
+        }
+    }
+
+    /// A new grain over a backing file: track it until all of it is written or zeroed.
+    fn track(&mut self, ei: usize, g: u64) {
+        if self.backed {
+            self.partial.insert((ei, g), 0);
+        }
+    }
+
     /// As QEMU does after the first write: a new random CID in the descriptor.
     fn update_cid(&mut self) -> Result<()> {
         if self.cid_updated {
@@ -223,6 +252,13 @@ impl VmdkWriter {
 
     /// Write dirty grain tables (each to both directories) after the files are long enough.
     fn write_tables(&mut self) -> Result<()> {
+        if let Some(&(ei, g)) = self.partial.keys().min() {
+            let e = &self.extents[ei];
+            let off = e.start + g * self.sparse(ei).grain_bytes();
+            return Err(unsupported(&format!(
+                "part of the new vmdk grain at guest offset {off:#x} would have to be copied from the backing file, which rimg does not do yet"
+            )));
+        }
         for (i, f) in self.files.iter().enumerate() {
             if f.len()? < self.min_len[i] {
                 f.set_len(self.min_len[i])?;
@@ -289,10 +325,8 @@ impl ImageWriter for VmdkWriter {
                     let zero_grain = s.has_zero_grain;
                     let v = self.entry(ei, g)?;
                     let base = if v == 0 || (zero_grain && v == 1) {
-                        if self.backed && v == 0 && (in_g != 0 || n != gb) {
-                            return Err(unsupported(
-                                "writing part of a vmdk grain over a backing file is not supported by rimg yet",
-                            ));
+                        if v == 0 {
+                            self.track(ei, g);
                         }
                         let h = self.take_space(ei, gb, gb)?;
                         self.grow_to(ei, h + gb);
@@ -307,6 +341,7 @@ impl ImageWriter for VmdkWriter {
                     } else {
                         u64::from(v) * 512
                     };
+                    self.cover(ei, g, n);
                     (base + in_g, n)
                 }
             };
@@ -496,7 +531,7 @@ impl ImageWriter for VmdkWriter {
                     let gb = s.grain_bytes();
                     let (g, in_g) = (rel / gb, rel % gb);
                     let n = (gb - in_g).min(end.min(ext_end) - pos);
-                    let whole = in_g == 0 && n == gb.min(ext_end - (pos - in_g));
+                    let whole = in_g == 0 && n == gb.min(ext_end - pos);
                     let (zero_grain, compressed) = (s.has_zero_grain, s.compressed);
                     let v = self.entry(ei, g)?;
                     let unallocated = v == 0 || (zero_grain && v == 1);
@@ -507,15 +542,17 @@ impl ImageWriter for VmdkWriter {
                         }
                     } else if unallocated {
                         if self.backed && v == 0 {
-                            if !whole || compressed {
+                            if compressed {
                                 return Err(unsupported(
-                                    "zeroing part of an unallocated vmdk grain over a backing file is not supported by rimg yet",
+                                    "zeroing an unallocated streamOptimized grain over a backing file is not supported by rimg yet",
                                 ));
                             }
                             // A fresh grain past the end of the file reads as zeros.
                             let h = self.take_space(ei, gb, gb)?;
                             self.grow_to(ei, h + gb);
                             self.set_entry(ei, g, (h / 512) as u32)?;
+                            self.track(ei, g);
+                            self.cover(ei, g, n);
                             self.update_cid()?;
                         }
                     } else if compressed {
@@ -528,6 +565,7 @@ impl ImageWriter for VmdkWriter {
                             host: HostOff(u64::from(v) * 512 + in_g),
                             len: n,
                         });
+                        self.cover(ei, g, n);
                     }
                     pos += n;
                 }
