@@ -50,7 +50,7 @@ fn grain_table(
             ));
         } else {
             let t = (entry & 0xffff_ffff) * u64::from(s.l2_size) * 8 / 512;
-            let off = s.se_l2_tables_offset + t;
+            let off = s.se_l2_tables_offset.saturating_add(t);
             if off > 0xffff_ffff {
                 return Err(bad(
                     img,
@@ -129,7 +129,9 @@ fn decode(img: &VmdkImage, ei: usize, s: &SparseExtent, v: u64) -> Result<Grain>
             0x3000_0000_0000_0000 => {
                 let c = ((v & 0x0fff_0000_0000_0000) >> 48) | ((v & 0x0000_ffff_ffff_ffff) << 12);
                 Ok(Grain::At(
-                    (s.se_clusters_offset + c * s.cluster_sectors).wrapping_mul(512),
+                    s.se_clusters_offset
+                        .saturating_add(c.saturating_mul(s.cluster_sectors))
+                        .saturating_mul(512),
                 ))
             }
             _ => Err(bad(
@@ -191,14 +193,17 @@ pub fn map(img: &VmdkImage, off: GuestOff, len: u64, out: &mut Vec<Extent>) -> R
         return Ok(0);
     };
     let e = &img.extents[ei];
-    let end = off.0.saturating_add(len).min(e.start + e.len());
+    let end = off
+        .0
+        .saturating_add(len)
+        .min(e.start.saturating_add(e.len()));
     let f = &img.files[e.file.0 as usize];
     match &e.kind {
         ExtentKind::Flat { offset } => {
             let mut pos = off.0;
             let flen = f.len()?;
             while pos < end {
-                let host = offset + (pos - e.start);
+                let host = offset.saturating_add(pos - e.start);
                 let n = end - pos;
                 let zero = |h: u64, l: u64| Extent::Zero {
                     len: l,

@@ -214,7 +214,7 @@ pub(crate) struct Extent {
 impl Extent {
     /// Guest bytes the extent covers.
     pub fn len(&self) -> u64 {
-        self.sectors * 512
+        self.sectors.saturating_mul(512)
     }
 
     /// The sparse metadata, if the extent is sparse.
@@ -399,7 +399,7 @@ impl VmdkImage {
     fn find_extent(&self, off: u64) -> Option<usize> {
         self.extents
             .iter()
-            .position(|e| off >= e.start && off < e.start + e.len())
+            .position(|e| off >= e.start && off < e.start.saturating_add(e.len()))
     }
 
     /// Whether every extent has the same layout (QEMU's `vmdk_extents_type_eq`): only

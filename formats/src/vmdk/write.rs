@@ -113,7 +113,7 @@ impl VmdkWriter {
     fn find(&self, off: u64) -> Result<usize> {
         self.extents
             .iter()
-            .position(|e| off >= e.start && off < e.start + e.len())
+            .position(|e| off >= e.start && off < e.start.saturating_add(e.len()))
             .ok_or_else(|| {
                 Error::InvalidArgument(format!(
                     "write at guest offset {off:#x} is past the end of '{}'",
@@ -310,9 +310,9 @@ impl ImageWriter for VmdkWriter {
         while pos < end {
             let ei = self.find(pos)?;
             let e = &self.extents[ei];
-            let (file, rel, ext_end) = (e.file, pos - e.start, e.start + e.len());
+            let (file, rel, ext_end) = (e.file, pos - e.start, e.start.saturating_add(e.len()));
             let (host, n) = match &e.kind {
-                ExtentKind::Flat { offset } => (offset + rel, end.min(ext_end) - pos),
+                ExtentKind::Flat { offset } => (offset.saturating_add(rel), end.min(ext_end) - pos),
                 ExtentKind::Sparse(s) => {
                     if s.compressed {
                         return Err(unsupported(
@@ -447,7 +447,7 @@ impl ImageWriter for VmdkWriter {
                 continue;
             };
             let start = e.start + ng.grain * s.grain_bytes();
-            let end = (start + s.grain_bytes()).min(e.start + e.len());
+            let end = (start + s.grain_bytes()).min(e.start.saturating_add(e.len()));
             let covered: u64 = zeros
                 .iter()
                 .map(|&(z, l)| (z + l).min(end).saturating_sub(z.max(start)))
@@ -513,11 +513,11 @@ impl ImageWriter for VmdkWriter {
         while pos < end {
             let ei = self.find(pos)?;
             let e = &self.extents[ei];
-            let (file, rel, ext_end) = (e.file, pos - e.start, e.start + e.len());
+            let (file, rel, ext_end) = (e.file, pos - e.start, e.start.saturating_add(e.len()));
             match &e.kind {
                 ExtentKind::Flat { offset } => {
                     let n = end.min(ext_end) - pos;
-                    let host = HostOff(offset + rel);
+                    let host = HostOff(offset.saturating_add(rel));
                     out.push(if self.files[file.0 as usize].is_block_device() {
                         Action::WriteZeroes { file, host, len: n }
                     } else if may_unmap {
