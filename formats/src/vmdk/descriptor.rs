@@ -70,10 +70,10 @@ pub fn read_cid(desc: &[u8], parent: bool) -> Option<u32> {
         return None;
     }
     let digits = std::str::from_utf8(&rest[start..s.i]).ok()?;
-    // sscanf("%x") converts with strtoul semantics: out-of-range saturates.
+    // sscanf("%x") into a 32-bit value: strtoul (64 bits, saturating), then truncated.
     let v = u64::from_str_radix(digits, 16).unwrap_or(u64::MAX);
-    let v = v.min(u64::from(u32::MAX)) as u32;
-    Some(if neg { v.wrapping_neg() } else { v })
+    let v = if neg { v.wrapping_neg() } else { v };
+    Some(v as u32)
 }
 
 /// A `parentFileNameHint` without its closing quote, or too long.
@@ -165,8 +165,15 @@ pub struct InvalidLine(pub String);
 /// Parse the extent lines of a descriptor as QEMU does: lines whose access is not `RW`,
 /// whose type is unknown (`ZERO` included) or whose size is not positive are skipped; a
 /// FLAT line needs an offset, a VMFS line must have none, other types none either.
-pub fn extent_lines(desc: &[u8]) -> Result<Vec<ExtentLine>, InvalidLine> {
+/// Returns the lines before the first invalid one, and that one (QEMU opens the extents
+/// of the lines before it first, so their errors come first).
+pub fn extent_lines(desc: &[u8]) -> (Vec<ExtentLine>, Option<InvalidLine>) {
     let mut out = Vec::new();
+    let err = parse_lines(desc, &mut out).err();
+    (out, err)
+}
+
+fn parse_lines(desc: &[u8], out: &mut Vec<ExtentLine>) -> Result<(), InvalidLine> {
     let mut p = 0;
     while p < desc.len() {
         let line_end = desc[p..]
@@ -256,7 +263,7 @@ pub fn extent_lines(desc: &[u8]) -> Result<Vec<ExtentLine>, InvalidLine> {
             flat_offset: flat_offset.max(0) as u64,
         });
     }
-    Ok(out)
+    Ok(())
 }
 
 /// What QEMU's create writes into a new descriptor.
@@ -330,12 +337,13 @@ mod tests {
     fn extent_lines_like_qemu() {
         let d = b"# x\nRW 2048 FLAT \"a b.raw\" 0\nRW 8 ZERO\nRDONLY 10 FLAT \"x\" 0\n\
                   RW 100 SPARSE \"s.vmdk\"\nRW 5 VMFS \"v\"\n";
-        let v = extent_lines(d).unwrap();
+        let (v, err) = extent_lines(d);
+        assert!(err.is_none());
         assert_eq!(v.len(), 3);
         assert_eq!(v[0].file, "a b.raw");
         assert_eq!(v[1].kind, "SPARSE");
         assert_eq!(v[2].flat_offset, 0);
-        let bad = extent_lines(b"RW 2048 FLAT \"x\"\n").unwrap_err();
+        let bad = extent_lines(b"RW 2048 FLAT \"x\"\n").1.unwrap();
         assert_eq!(bad.0, "RW 2048 FLAT \"x\"");
     }
 
@@ -347,6 +355,7 @@ mod tests {
         assert_eq!(parent_hint(d), Ok(Some("b.vmdk".into())));
         // Without a CID line the first "CID" is inside parentCID.
         assert_eq!(read_cid(b"parentCID=12\n", false), Some(0x12));
+        assert_eq!(read_cid(b"CID=123456787\n", false), Some(0x2345_6787));
         assert_eq!(
             quoted_value(b"createType=\"monolithicFlat\"\n", "createType", 128),
             Some("monolithicFlat".into())

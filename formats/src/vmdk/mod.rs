@@ -316,8 +316,7 @@ impl VmdkImage {
                 if !DESCRIPTOR_TYPES.contains(&ct.as_str()) {
                     return Err(Error::Unsupported(format!("Unsupported image type '{ct}'")));
                 }
-                let lines = descriptor::extent_lines(desc)
-                    .map_err(|l| corrupt(&path, format!("Invalid extent line: {}", l.0)))?;
+                let (lines, invalid) = descriptor::extent_lines(desc);
                 for l in lines {
                     let epath = if l.file.starts_with('/') {
                         l.file.clone()
@@ -353,6 +352,9 @@ impl VmdkImage {
                     files.push(ef);
                     extents.push(e);
                 }
+                if let Some(l) = invalid {
+                    return Err(corrupt(&path, format!("Invalid extent line: {}", l.0)));
+                }
                 (ct, 0)
             };
         if extents.is_empty() {
@@ -365,6 +367,9 @@ impl VmdkImage {
         for e in &mut extents {
             e.start = start;
             start = start.saturating_add(e.len());
+        }
+        if start > i64::MAX as u64 {
+            return Err(corrupt(&path, "Can't get image size: File too large"));
         }
         let desc = sparse::read_padded(&file, desc_offset, descriptor::DESC_SIZE, "descriptor")?;
         let mut d = desc.clone();

@@ -211,7 +211,7 @@ pub fn open_vmdk4(f: &FileLayer, id: FileId, kind: &str, write: bool) -> Result<
     };
     check_sizes(f, &s, l1_size)?;
     s.gd_at_end = gd_at_end;
-    load_tables(f, &mut s, l1_size, 4)?;
+    load_tables(f, &mut s, l1_size, 4, write)?;
     Ok(Extent {
         file: id,
         kind_name: kind.to_string(),
@@ -249,7 +249,7 @@ pub fn open_vmdk3(f: &FileLayer, id: FileId, kind: &str) -> Result<Extent> {
         return Err(corrupt(f, "L1 entry size is invalid"));
     }
     check_sizes(f, &s, l1dir_size)?;
-    load_tables(f, &mut s, l1dir_size, 4)?;
+    load_tables(f, &mut s, l1dir_size, 4, false)?;
     Ok(Extent {
         file: id,
         kind_name: kind.to_string(),
@@ -326,7 +326,7 @@ pub fn open_sesparse(f: &FileLayer, id: FileId, kind: &str) -> Result<Extent> {
         gd_at_end: false,
     };
     check_sizes(f, &s, l1_size)?;
-    load_tables(f, &mut s, l1_size, 8)?;
+    load_tables(f, &mut s, l1_size, 8, false)?;
     Ok(Extent {
         file: id,
         kind_name: kind.to_string(),
@@ -351,11 +351,38 @@ fn check_sizes(f: &FileLayer, s: &SparseExtent, l1_size: u32) -> Result<()> {
     Ok(())
 }
 
-/// Read the grain directory (and the redundant one), `entry` bytes per entry. A directory
-/// reaching past the end of the file is refused (QEMU would read zeros there).
-fn load_tables(f: &FileLayer, s: &mut SparseExtent, l1_size: u32, entry: usize) -> Result<()> {
+/// Read the grain directory (and the redundant one), `entry` bytes per entry. A grain
+/// directory reaching past the end of the file is refused (QEMU would read zeros there and
+/// show an empty disk); so is such a redundant one when opening to `write` (only writes use
+/// it: reads leave it out).
+fn load_tables(
+    f: &FileLayer,
+    s: &mut SparseExtent,
+    l1_size: u32,
+    entry: usize,
+    write: bool,
+) -> Result<()> {
     let bytes = l1_size as usize * entry;
     let file_len = f.len()?;
+    // Offsets QEMU computes past 2^63 become negative: its read fails with EIO.
+    if s.l1_offset > i64::MAX as u64 {
+        return Err(corrupt(
+            f,
+            format!(
+                "Could not read l1 table from extent '{}': Input/output error",
+                f.path()
+            ),
+        ));
+    }
+    if s.l1_backup_offset > i64::MAX as u64 {
+        return Err(corrupt(
+            f,
+            format!(
+                "Could not read l1 backup table from extent '{}': Input/output error",
+                f.path()
+            ),
+        ));
+    }
     let past = |off: u64| off.checked_add(bytes as u64).is_none_or(|e| e > file_len);
     if bytes > 0 && past(s.l1_offset) {
         return Err(corrupt(
@@ -375,6 +402,10 @@ fn load_tables(f: &FileLayer, s: &mut SparseExtent, l1_size: u32, entry: usize) 
     };
     if s.l1_backup_offset != 0 {
         if bytes > 0 && past(s.l1_backup_offset) {
+            if !write {
+                s.l1_backup_offset = 0;
+                return Ok(());
+            }
             return Err(corrupt(
                 f,
                 format!(
