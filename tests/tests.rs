@@ -26,3 +26,4 @@ mod qcow2_write;
 mod quiet_stderr;
 mod resize;
 mod vmdk;
+mod vpc;

@@ -52,6 +52,7 @@ fn status(ce: &ChainExtent, layers: usize, off: u64, size: u64) -> (bool, bool, 
     match ce.extent {
         Extent::Data { .. } | Extent::Compressed { .. } => (true, true, false, eof),
         Extent::Zero { .. } => (true, false, true, eof),
+        Extent::DataHole { .. } => (true, true, true, eof),
         _ => (ce.depth < layers, false, true, eof),
     }
 }

@@ -216,6 +216,19 @@ impl JobFiles {
         self.files[i.0].written = true;
     }
 
+    /// fdatasync every written file, whatever the cache mode (an explicit flush).
+    pub fn sync_written(&self) -> Result<()> {
+        for f in self.files.iter().filter(|f| f.written) {
+            f.buffered.sync_data().map_err(|source| Error::Io {
+                what: "flushing",
+                path: f.path.clone(),
+                off: 0,
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
     /// fsync every written file whose cache mode asks for it.
     pub fn flush(&self) -> Result<()> {
         for f in &self.files {

@@ -247,12 +247,6 @@ pub trait Image: Send + Sync {
     fn child_files(&self) -> Vec<(String, FileId)> {
         Vec::new()
     }
-    /// Whether a [`Extent::Zero`] with a host location is allocated data that reads as
-    /// zeros, which `map` reports with `"data": true` (QEMU recursing into the file of a
-    /// vmdk flat extent). The default (raw holes, preallocated zero clusters) is `false`.
-    fn map_zero_is_data(&self) -> bool {
-        false
-    }
     /// The name human `map` prints for file `file` of this image (`None`: the CLI's
     /// default, the image name for file 0 and an absolute path otherwise).
     fn map_file_name(&self, file: FileId) -> Option<String> {

@@ -15,7 +15,7 @@
 //! - [`chain`]: backing chains, opened through a gate (depth limit, loop detection).
 //! - [`registry`]: the driver list and format probing.
 //! - [`opts`]: `-o` option strings and qemu-img's size syntax.
-//! - one module per format: [`raw`], [`qcow2`], [`vmdk`].
+//! - one module per format: [`raw`], [`qcow2`], [`vmdk`], [`vpc`].
 #![deny(missing_docs)]
 
 pub mod chain;
@@ -30,6 +30,7 @@ pub mod raw;
 pub mod registry;
 pub mod types;
 pub mod vmdk;
+pub mod vpc;
 
 pub use chain::{Chain, ChainExtent};
 pub use driver::{

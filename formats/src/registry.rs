@@ -5,8 +5,12 @@ use crate::error::{Error, Result};
 use crate::file::FileLayer;
 
 /// Every format rimg implements.
-pub static DRIVERS: &[&dyn FormatDriver] =
-    &[&crate::raw::RAW, &crate::qcow2::QCOW2, &crate::vmdk::VMDK];
+pub static DRIVERS: &[&dyn FormatDriver] = &[
+    &crate::raw::RAW,
+    &crate::qcow2::QCOW2,
+    &crate::vmdk::VMDK,
+    &crate::vpc::VPC,
+];
 
 /// Image formats qemu-img 10.x knows that rimg does not implement yet: named in a clear
 /// "not supported yet" error instead of qemu-img's "Unknown driver".
@@ -35,7 +39,6 @@ const QEMU_FORMATS: &[&str] = &[
     "throttle",
     "vdi",
     "vhdx",
-    "vpc",
     "vvfat",
 ];
 

@@ -63,8 +63,7 @@ struct Entry {
 }
 
 impl Entry {
-    fn from_chain(ce: &ChainExtent, start: u64, chain: &Chain) -> Entry {
-        let layers = chain.layers().len();
+    fn from_chain(ce: &ChainExtent, start: u64, layers: usize) -> Entry {
         let len = ce.extent.len();
         let mut e = Entry {
             start,
@@ -83,13 +82,15 @@ impl Entry {
                 e.offset = Some(host.0);
                 e.file.1 = file.0;
             }
+            Extent::DataHole { host, file, .. } => {
+                e.data = true;
+                e.zero = true;
+                e.offset = Some(host.0);
+                e.file.1 = file.0;
+            }
             Extent::Zero { at, .. } => {
                 e.zero = true;
                 e.offset = at.map(|(_, h)| h.0);
-                if let Some((f, _)) = at {
-                    e.file.1 = f.0;
-                    e.data = chain.layers()[e.file.0].image.map_zero_is_data();
-                }
             }
             Extent::Compressed { .. } => {
                 e.data = true;
@@ -240,6 +241,7 @@ pub fn run(args: &[String]) -> Result<i32> {
 }
 
 fn collect(chain: &Chain, start: u64, end: u64) -> Result<Vec<Entry>> {
+    let layers = chain.layers().len();
     let mut entries: Vec<Entry> = Vec::new();
     let mut off = start;
     let mut exts = Vec::new();
@@ -251,7 +253,7 @@ fn collect(chain: &Chain, start: u64, end: u64) -> Result<Vec<Entry>> {
         }
         let mut pos = off;
         for ce in &exts {
-            let e = Entry::from_chain(ce, pos, chain);
+            let e = Entry::from_chain(ce, pos, layers);
             pos += e.length;
             let merged = entries.last_mut().is_some_and(|last| last.try_merge(&e));
             if !merged {

@@ -205,10 +205,10 @@ pub fn map(img: &VmdkImage, off: GuestOff, len: u64, out: &mut Vec<Extent>) -> R
             while pos < end {
                 let host = offset.saturating_add(pos - e.start);
                 let n = end - pos;
-                let zero = |h: u64, l: u64| Extent::Zero {
+                let zero = |h: u64, l: u64| Extent::DataHole {
+                    file: e.file,
+                    host: HostOff(h),
                     len: l,
-                    explicit: true,
-                    at: Some((e.file, HostOff(h))),
                 };
                 match if host < flen {
                     f.next_data(host)?

@@ -464,10 +464,6 @@ impl Image for VmdkImage {
             .collect()
     }
 
-    fn map_zero_is_data(&self) -> bool {
-        true
-    }
-
     fn map_file_name(&self, file: FileId) -> Option<String> {
         self.files
             .get(file.0 as usize)
