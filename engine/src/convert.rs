@@ -133,7 +133,8 @@ pub fn convert(
         started: Instant::now(),
         dispatched: 0,
         rate: opts.rate,
-        payloads: VecDeque::new(),
+        payloads: HashMap::new(),
+        order: VecDeque::new(),
         cluster_of: HashMap::new(),
         dst_idx: dst_idx.clone(),
         target_zero: target.is_zero,
@@ -296,8 +297,11 @@ struct Planner<'a, 'w> {
     started: Instant,
     dispatched: u64,
     rate: Option<u64>,
-    /// compress outcomes waiting for space in the target
-    payloads: VecDeque<(u64, u64, Payload)>,
+    /// compress outcomes waiting for space in the target: unit id -> (bytes, payload)
+    payloads: HashMap<u64, (u64, Payload)>,
+    /// compress unit ids in guest order: space is reserved in this order, so the target's
+    /// layout follows the guest (a streamOptimized vmdk's grains in increasing order)
+    order: VecDeque<u64>,
     /// compress unit id -> guest start of its cluster
     cluster_of: HashMap<u64, u64>,
     dst_idx: Vec<FileIdx>,
@@ -315,8 +319,12 @@ impl Planner<'_, '_> {
         self.inflight -= 1;
         if let (Ok(_), Some(p)) = (&o.result, o.payload) {
             // A compressed cluster: space is reserved, and the write sent, from the main loop.
-            self.payloads.push_back((o.id, o.bytes, p));
+            self.payloads.insert(o.id, (o.bytes, p));
             return;
+        }
+        if self.cluster_of.remove(&o.id).is_some() {
+            // A compress unit that failed: nothing to place.
+            self.order.retain(|i| *i != o.id);
         }
         let ticket = self.tickets.remove(&o.id);
         match o.result {
@@ -364,7 +372,14 @@ impl Planner<'_, '_> {
             if self.payloads.is_empty() {
                 break;
             }
+            let before = self.payloads.len();
             self.process_payloads();
+            if self.payloads.len() == before && self.inflight == 0 {
+                self.fail(Error::Setup(
+                    "compressed clusters were left unplaced (internal ordering error)".into(),
+                ));
+                break;
+            }
         }
     }
 
@@ -392,6 +407,7 @@ impl Planner<'_, '_> {
         let id = self.next_id;
         self.next_id += 1;
         self.cluster_of.insert(id, start);
+        self.order.push_back(id);
         // A cluster is compressed whole: pieces cover it from `first`; anything before
         // (a source that starts mid-cluster) reads as zeros.
         let mut full = Vec::with_capacity(pieces.len() + 1);
@@ -406,13 +422,22 @@ impl Planner<'_, '_> {
 
     /// Reserve target space for finished compress units and send their writes.
     fn process_payloads(&mut self) {
-        while let Some((id, bytes, p)) = self.payloads.pop_front() {
+        loop {
+            if self.err.is_some() {
+                self.payloads.clear();
+                self.order.clear();
+                return;
+            }
+            let Some(&id) = self.order.front() else {
+                return;
+            };
+            let Some((bytes, p)) = self.payloads.remove(&id) else {
+                return; // the next cluster in guest order is still being compressed
+            };
+            self.order.pop_front();
             let Some(start) = self.cluster_of.remove(&id) else {
                 continue;
             };
-            if self.err.is_some() {
-                continue;
-            }
             let res = match p {
                 Payload::Zero => {
                     if self.target_zero {
