@@ -211,7 +211,8 @@ pub fn convert(
             };
             for ce in exts.drain(..) {
                 let len = ce.extent.len();
-                if opts.top_layer_only && ce.depth != 0 {
+                let below = opts.top_layer_only && ce.depth != 0;
+                if below && squeeze.is_none() {
                     // The target's backing file shows through here.
                     tgt += len;
                     plan.done += len;
@@ -219,6 +220,9 @@ pub fn convert(
                 }
                 let src = Src::from_extent(&ce, &src_idx[si]);
                 if let Some((cs, codec)) = squeeze {
+                    // With -B, a cluster the top layer touches is compressed whole, its
+                    // other bytes read from the source's lower layers (the target's
+                    // backing file has them); a cluster it does not touch is skipped.
                     // Split at target cluster boundaries and gather whole clusters.
                     let mut done = 0;
                     while done < len {
@@ -226,12 +230,13 @@ pub fn convert(
                         let cstart = t / cs * cs;
                         let n = (cs - t % cs).min(len - done);
                         if gathering.as_ref().is_some_and(|g| g.0 != cstart) {
-                            let (gs, pieces, data) = gathering.take().expect("checked");
-                            plan.squeeze(gs, cs, pieces, data, codec, opts.salvage);
+                            let g = gathering.take().expect("checked");
+                            plan.squeeze_gathered(g, cs, codec, opts.salvage);
                         }
-                        let g = gathering.get_or_insert_with(|| (cstart, Vec::new(), false));
+                        let g = gathering.get_or_insert_with(|| (cstart, Vec::new(), false, false));
                         let piece = src.advance(done);
                         g.2 |= piece != Src::Zeros;
+                        g.3 |= !below;
                         g.1.push((t - cstart, n, piece));
                         done += n;
                     }
@@ -259,10 +264,29 @@ pub fn convert(
             off += covered;
         }
     }
-    if let (Some((cs, codec)), Some((gs, pieces, data))) = (squeeze, gathering.take()) {
-        plan.squeeze(gs, cs, pieces, data, codec, opts.salvage);
+    if let (Some((cs, codec)), Some(g)) = (squeeze, gathering.take()) {
+        plan.squeeze_gathered(g, cs, codec, opts.salvage);
     }
     plan.drain_all();
+    // -B: units the target allocated over its backing file that the source's top layer
+    // filled only in part take the rest from the source's lower layers (what the target's
+    // backing file holds), as QEMU's copy-on-write takes it from the backing file.
+    if opts.top_layer_only && squeeze.is_none() && sources.len() == 1 && plan.err.is_none() {
+        let fills = plan.writer.backing_fills();
+        if !fills.is_empty() {
+            let done = plan.done;
+            fill_from_lower_layers(
+                &mut plan,
+                &sources[0],
+                &src_idx[0],
+                target.offset,
+                &fills,
+                opts,
+            );
+            plan.drain_all();
+            plan.done = done;
+        }
+    }
     let err = plan.err.take();
     let stats = Stats {
         bytes: plan.done,
@@ -381,6 +405,23 @@ impl Planner<'_, '_> {
                 break;
             }
         }
+    }
+
+    /// Dispatch the compress unit of a gathered cluster, or skip it when, with `-B`, only
+    /// the source's lower layers cover it (the target's backing file shows through).
+    fn squeeze_gathered(
+        &mut self,
+        g: Gathered,
+        cs: u64,
+        codec: rimg_formats::Codec,
+        salvage: bool,
+    ) {
+        let (start, pieces, data, top) = g;
+        if !top {
+            self.done += pieces.iter().map(|p| p.1).sum::<u64>();
+            return;
+        }
+        self.squeeze(start, cs, pieces, data, codec, salvage);
     }
 
     /// Dispatch one compress unit for the cluster at `start` (nothing when it has no data).
@@ -578,5 +619,65 @@ impl Planner<'_, '_> {
     }
 }
 
-/// A target cluster being gathered for compression: (guest start, pieces, has data).
-type Gathered = (u64, Vec<(u64, u64, Src)>, bool);
+/// A target cluster being gathered for compression: (guest start, pieces, has data, has a
+/// piece of the source's top layer).
+type Gathered = (u64, Vec<(u64, u64, Src)>, bool, bool);
+
+/// Copy guest ranges `fills` of the target (see `ImageWriter::backing_fills`) from the
+/// whole chain of `s`, whose first byte lands at `target_offset`.
+fn fill_from_lower_layers(
+    plan: &mut Planner<'_, '_>,
+    s: &Source<'_>,
+    src_idx: &[Vec<FileIdx>],
+    target_offset: u64,
+    fills: &[(u64, u64)],
+    opts: &ConvertOptions<'_>,
+) {
+    let dst_idx = plan.dst_idx.clone();
+    let mut exts = Vec::new();
+    for &(t, len) in fills {
+        let Some(rel) = t.checked_sub(target_offset) else {
+            continue;
+        };
+        let mut done = 0;
+        while done < len && plan.err.is_none() {
+            let off = s.start + rel + done;
+            exts.clear();
+            let n = if off >= s.chain.virtual_size() {
+                0
+            } else {
+                match s.chain.map(GuestOff(off), len - done, &mut exts) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        plan.fail(Error::Map {
+                            image: s.chain.layers()[0].filename.clone(),
+                            off,
+                            source: e,
+                        });
+                        return;
+                    }
+                }
+            };
+            if n == 0 {
+                // Past the end of the source: zeros.
+                plan.zero(&dst_idx, t + done, len - done);
+                break;
+            }
+            let mut pos = t + done;
+            for ce in exts.drain(..) {
+                let l = ce.extent.len().min(t + len - pos);
+                if l == 0 {
+                    break;
+                }
+                let src = Src::from_extent(&ce, src_idx);
+                if src == Src::Zeros {
+                    plan.zero(&dst_idx, pos, l);
+                } else {
+                    plan.copy(&dst_idx, pos, l, src, None, false, opts);
+                }
+                pos += l;
+            }
+            done += n.min(len - done);
+        }
+    }
+}

@@ -353,6 +353,14 @@ pub trait ImageWriter: Send {
     fn always_compressed(&self) -> bool {
         false
     }
+    /// Guest ranges `(start, len)` of units this writer allocated over a backing file that
+    /// nothing has written or zeroed yet: they must hold the backing file's bytes (QEMU's
+    /// copy-on-write). A caller that has those bytes (`convert -B`: the source's lower
+    /// layers) writes them through `allocate`/`zero` before `flush`; `flush` refuses to
+    /// publish a unit still missing some. The default has none.
+    fn backing_fills(&mut self) -> Vec<(u64, u64)> {
+        Vec::new()
+    }
     /// Whether `convert -c` writes plain (uncompressed) data into this image, as QEMU's
     /// vmdk does for extents that are not compressed. The default is `false`.
     fn compressed_writes_are_plain(&self) -> bool {

@@ -58,9 +58,9 @@ pub(super) struct VmdkWriter {
     /// grains published since the last flush: (file index, host, length) to allocate on
     /// the host, as QEMU's whole-grain writes allocate them
     fresh: Vec<(usize, u64, u64)>,
-    /// new grains over a backing file not yet wholly written: (extent, grain) -> bytes
-    /// written or zeroed so far (the rest would have to come from the backing file)
-    partial: HashMap<(usize, u64), u64>,
+    /// new grains over a backing file not yet wholly written: (extent, grain) -> guest
+    /// ranges written or zeroed so far (the rest must come from the backing file)
+    partial: BTreeMap<(usize, u64), Vec<(u64, u64)>>,
 }
 
 fn unsupported(m: &str) -> Error {
@@ -106,7 +106,7 @@ impl VmdkWriter {
             next_ticket: 0,
             size: img.size,
             fresh: Vec::new(),
-            partial: HashMap::new(),
+            partial: BTreeMap::new(),
         })
     }
 
@@ -210,12 +210,12 @@ impl VmdkWriter {
         gb.min(e.len() - g * gb)
     }
 
-    /// `n` more bytes of a new grain over a backing file were written or zeroed.
-    fn cover(&mut self, ei: usize, g: u64, n: u64) {
+    /// Guest range `[off, off+n)` of a new grain over a backing file was written or zeroed.
+    fn cover(&mut self, ei: usize, g: u64, off: u64, n: u64) {
         let glen = self.grain_len(ei, g);
         if let Some(c) = self.partial.get_mut(&(ei, g)) {
-            *c += n;
-            if *c >= glen {
+            c.push((off, n));
+            if c.iter().map(|r| r.1).sum::<u64>() >= glen {
                 self.partial.remove(&(ei, g));
             }
         }
@@ -224,7 +224,7 @@ impl VmdkWriter {
     /// A new grain over a backing file: track it until all of it is written or zeroed.
     fn track(&mut self, ei: usize, g: u64) {
         if self.backed {
-            self.partial.insert((ei, g), 0);
+            self.partial.insert((ei, g), Vec::new());
         }
     }
 
@@ -341,7 +341,7 @@ impl ImageWriter for VmdkWriter {
                     } else {
                         u64::from(v) * 512
                     };
-                    self.cover(ei, g, n);
+                    self.cover(ei, g, pos, n);
                     (base + in_g, n)
                 }
             };
@@ -373,6 +373,29 @@ impl ImageWriter for VmdkWriter {
         let s = self.extents.iter().find_map(Extent::sparse)?;
         s.compressed
             .then_some((s.grain_bytes(), crate::extent::Codec::ZlibStream))
+    }
+
+    fn backing_fills(&mut self) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        for (&(ei, g), done) in &self.partial {
+            let e = &self.extents[ei];
+            let gb = self.sparse(ei).grain_bytes();
+            let start = e.start + g * gb;
+            let end = start + self.grain_len(ei, g);
+            let mut done = done.clone();
+            done.sort_unstable();
+            let mut pos = start;
+            for (o, n) in done {
+                if o > pos {
+                    out.push((pos, o - pos));
+                }
+                pos = pos.max(o + n);
+            }
+            if pos < end {
+                out.push((pos, end - pos));
+            }
+        }
+        out
     }
 
     fn compressed_writes_are_plain(&self) -> bool {
@@ -552,7 +575,7 @@ impl ImageWriter for VmdkWriter {
                             self.grow_to(ei, h + gb);
                             self.set_entry(ei, g, (h / 512) as u32)?;
                             self.track(ei, g);
-                            self.cover(ei, g, n);
+                            self.cover(ei, g, pos, n);
                             self.update_cid()?;
                         }
                     } else if compressed {
@@ -565,7 +588,7 @@ impl ImageWriter for VmdkWriter {
                             host: HostOff(u64::from(v) * 512 + in_g),
                             len: n,
                         });
-                        self.cover(ei, g, n);
+                        self.cover(ei, g, pos, n);
                     }
                     pos += n;
                 }
