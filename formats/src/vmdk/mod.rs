@@ -517,3 +517,77 @@ impl Image for VmdkImage {
         Ok(Box::new(write::VmdkWriter::new(self)?))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::{Access, Placement};
+    use crate::extent::Extent as E;
+    use crate::types::HostOff;
+
+    fn open(path: &str, access: Access) -> Box<dyn Image> {
+        let o = OpenOptions::new(access);
+        let f = Arc::new(FileLayer::open(path, &o.file_open()).unwrap());
+        VMDK.open(f, &o).unwrap()
+    }
+
+    #[test]
+    fn probe_like_qemu() {
+        assert_eq!(probe_head(b"KDMV...."), 100);
+        assert_eq!(probe_head(b"# c\n  \nversion=1\n"), 100);
+        assert_eq!(probe_head(b"version=4\n"), 0);
+        assert_eq!(probe_head(b"x"), 0);
+    }
+
+    #[test]
+    fn create_write_map_sparse() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.vmdk").to_str().unwrap().to_string();
+        let spec = CreateSpec {
+            path: p.clone(),
+            size: 4 << 20,
+            options: OptionMap::parse("zeroed_grain=on"),
+        };
+        VMDK.create(&spec).unwrap();
+        let img = open(&p, Access::Write);
+        assert_eq!(img.virtual_size(), 4 << 20);
+        assert_eq!(img.cluster_size(), Some(65536));
+        let mut w = img.writer().unwrap();
+        let mut pl: Vec<Placement> = Vec::new();
+        let t = w.allocate(GuestOff(65536 + 100), 1000, &mut pl).unwrap();
+        assert_eq!(pl.len(), 1);
+        let host = pl[0].host;
+        assert_eq!(host.0 % 512, 100);
+        w.commit(&[t]).unwrap();
+        let mut acts = Vec::new();
+        w.zero(GuestOff(3 << 20), 65536, true, &mut acts).unwrap();
+        assert!(acts.is_empty(), "a zeroed grain needs no host action");
+        w.close().unwrap();
+        drop(img);
+        let img = open(&p, Access::Read);
+        let mut v = Vec::new();
+        img.map(GuestOff(0), 4 << 20, &mut v).unwrap();
+        assert_eq!(
+            v[0],
+            E::Unallocated {
+                len: 65536,
+                at: None
+            }
+        );
+        assert_eq!(
+            v[1],
+            E::Data {
+                file: FileId(0),
+                host: HostOff(host.0 - 100),
+                len: 65536
+            }
+        );
+        assert!(v.contains(&E::Zero {
+            len: 65536,
+            explicit: true,
+            at: None
+        }));
+        let rep = img.check().unwrap().unwrap();
+        assert!(rep.fatal.is_none() && rep.messages.is_empty());
+    }
+}
