@@ -257,6 +257,9 @@ fn create_every_option() {
         ("e7.vmdk", &["-o", "zeroed_grain=maybe"]),
         ("e8.vmdk", &["-o", "foo=bar"]),
     ];
+    c.same(&t.run(&["create", "-f", "vmdk", "-o", "help"]));
+    c.same(&t.run(&["create", "-f", "vmdk", "-o", "help", "h.vmdk"]));
+    c.same(&t.run(&["measure", "-O", "vmdk", "--size", "1G"]));
     for (name, opts) in cases {
         let mut args = vec!["create", "-f", "vmdk"];
         args.extend_from_slice(opts);
