@@ -228,6 +228,18 @@ impl VmdkWriter {
         }
     }
 
+    /// Refuse to finish while a new grain over the backing file misses some of its bytes.
+    fn check_filled(&self) -> Result<()> {
+        if let Some(&(ei, g)) = self.partial.keys().next() {
+            let e = &self.extents[ei];
+            let off = e.start + g * self.sparse(ei).grain_bytes();
+            return Err(unsupported(&format!(
+                "part of the new vmdk grain at guest offset {off:#x} would have to be copied from the backing file, which rimg does not do yet"
+            )));
+        }
+        Ok(())
+    }
+
     /// As QEMU does after the first write: a new random CID in the descriptor.
     fn update_cid(&mut self) -> Result<()> {
         if self.cid_updated {
@@ -252,13 +264,6 @@ impl VmdkWriter {
 
     /// Write dirty grain tables (each to both directories) after the files are long enough.
     fn write_tables(&mut self) -> Result<()> {
-        if let Some(&(ei, g)) = self.partial.keys().min() {
-            let e = &self.extents[ei];
-            let off = e.start + g * self.sparse(ei).grain_bytes();
-            return Err(unsupported(&format!(
-                "part of the new vmdk grain at guest offset {off:#x} would have to be copied from the backing file, which rimg does not do yet"
-            )));
-        }
         for (i, f) in self.files.iter().enumerate() {
             if f.len()? < self.min_len[i] {
                 f.set_len(self.min_len[i])?;
@@ -602,10 +607,12 @@ impl ImageWriter for VmdkWriter {
     }
 
     fn flush(&mut self) -> Result<()> {
+        self.check_filled()?;
         self.write_tables()
     }
 
     fn close(mut self: Box<Self>) -> Result<()> {
+        self.check_filled()?;
         self.write_tables()?;
         // As QEMU does at the end of a compressed stream: extent files end on a sector.
         for (ei, e) in self.extents.iter().enumerate() {
