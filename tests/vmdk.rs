@@ -256,6 +256,8 @@ fn create_every_option() {
         ("e6.vmdk", &["-o", "backing_fmt=raw,backing_file=ms.vmdk"]),
         ("e7.vmdk", &["-o", "zeroed_grain=maybe"]),
         ("e8.vmdk", &["-o", "foo=bar"]),
+        ("e9.vmdk", &["-o", "preallocation=metadata"]),
+        ("e10.vmdk", &["-o", "preallocation=bogus"]),
     ];
     c.same(&t.run(&["create", "-f", "vmdk", "-o", "help"]));
     c.same(&t.run(&["create", "-f", "vmdk", "-o", "help", "h.vmdk"]));
@@ -269,6 +271,13 @@ fn create_every_option() {
         }
         let pair = t.run(&args);
         c.same(&pair);
+        c.check(t.q.exists(name) == t.r.exists(name), || {
+            format!(
+                "{name}: qemu-img left it: {}, rimg: {}",
+                t.q.exists(name),
+                t.r.exists(name)
+            )
+        });
         if !pair.both_ok() {
             continue;
         }

@@ -224,6 +224,18 @@ pub fn create(spec: &CreateSpec) -> Result<Vec<Action>> {
             format!("RW {sectors} SPARSE \"{name}\"\n")
         }
     };
+    // The file layer's own option: accepted and (the files start empty) without effect,
+    // except `metadata`, which it refuses once the file exists.
+    match o.get("preallocation") {
+        None | Some("off" | "falloc" | "full") => {}
+        Some("metadata") => {
+            FileLayer::create(&spec.path)?;
+            return Err(Error::Unsupported(
+                "Unsupported preallocation mode: metadata".into(),
+            ));
+        }
+        Some(v) => return Err(invalid(v)),
+    }
     // The descriptor's file (for monolithicSparse/streamOptimized, the extent itself).
     let desc_file = FileLayer::create(&spec.path)?;
     let mut lines = String::new();
