@@ -149,6 +149,24 @@ fn delta_disk_backing_chain() {
     );
     same_reads(&mut c, &d, "top.vmdk");
     c.same(&d.both(&["info", "--backing-chain", "top.vmdk"]));
+    // A write to the parent gives it a new CID: QEMU no longer reads through it.
+    d.qemu_io_fmt("vmdk", "base.vmdk", &["write -P 6 1M 64k"]);
+    c.same(&d.both(&["map", "--output=json", "top.vmdk"]));
+    let pair = d.both(&["convert", "-O", "raw", "top.vmdk", "x.raw"]);
+    c.no_panic(&pair.rimg);
+    let first = |s: String| s.lines().next().unwrap_or("").to_string();
+    c.check(
+        !pair.rimg.ok()
+            && pair.qemu.code() == pair.rimg.code()
+            && first(pair.qemu.err()) == first(pair.rimg.err()),
+        || {
+            format!(
+                "convert over a changed parent\n{}{}",
+                pair.qemu.describe(),
+                pair.rimg.describe()
+            )
+        },
+    );
     c.finish();
 }
 

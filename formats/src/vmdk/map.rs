@@ -260,6 +260,11 @@ pub fn map(img: &VmdkImage, off: GuestOff, len: u64, out: &mut Vec<Extent>) -> R
                     }
                 };
                 let ext = match grain {
+                    Grain::Unallocated if img.stale_parent => {
+                        return Err(Error::InvalidArgument(format!(
+                            "error while reading at byte {pos}: Invalid argument"
+                        )));
+                    }
                     Grain::Unallocated => Extent::Unallocated { len: n, at: None },
                     Grain::Zeroed => Extent::Zero {
                         len: n,

@@ -245,6 +245,9 @@ pub struct VmdkImage {
     size: u64,
     write: bool,
     gt_cache: Mutex<GtCache>,
+    /// opened as a convert source over a parent whose CID is not our parent CID: QEMU
+    /// then refuses to read the grains the parent would supply
+    stale_parent: bool,
 }
 
 fn corrupt(path: &str, what: impl Into<String>) -> Error {
@@ -287,6 +290,26 @@ fn dir_of(path: &str) -> &str {
         Some(i) => &path[..=i],
         None => "",
     }
+}
+
+/// The CID of the vmdk image at `path`, when it can be read (QEMU's `vmdk_read_cid` on
+/// the parent).
+fn parent_cid_of(path: &str) -> Option<u32> {
+    let o = crate::file::FileOpen {
+        lock: false,
+        ..crate::file::FileOpen::read_only()
+    };
+    let f = FileLayer::open(path, &o).ok()?;
+    let head = read_head(&f).ok()?;
+    let magic = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+    let at = if magic == sparse::VMDK3_MAGIC || magic == sparse::VMDK4_MAGIC {
+        0x200
+    } else {
+        0
+    };
+    let mut d = sparse::read_padded(&f, at, descriptor::DESC_SIZE, "descriptor").ok()?;
+    d.push(0);
+    descriptor::read_cid(descriptor::c_str(&d), false)
 }
 
 impl VmdkImage {
@@ -386,6 +409,11 @@ impl VmdkImage {
         let bad_cid = || corrupt(&path, format!("Could not open '{path}': Invalid argument"));
         let cid = descriptor::read_cid(d, false).ok_or_else(bad_cid)?;
         let parent_cid = descriptor::read_cid(d, true).ok_or_else(bad_cid)?;
+        let stale_parent = opts.access == crate::driver::Access::ReadUnshared
+            && backing
+                .as_ref()
+                .and_then(|b| parent_cid_of(&crate::chain::resolve_backing(&path, &b.name)))
+                .is_some_and(|c| c != parent_cid);
         Ok(VmdkImage {
             files,
             extents,
@@ -397,6 +425,7 @@ impl VmdkImage {
             size: start,
             write,
             gt_cache: Mutex::new(HashMap::new()),
+            stale_parent,
         })
     }
 
