@@ -896,3 +896,68 @@ fn convert_with_backing_file() {
     }
     c.finish();
 }
+
+mod prop {
+    use proptest::prelude::*;
+
+    use crate::util::{TestDir, K, M};
+
+    const SUBFORMATS: [&str; 4] = [
+        "subformat=monolithicSparse",
+        "zeroed_grain=on",
+        "subformat=twoGbMaxExtentSparse",
+        "subformat=monolithicFlat",
+    ];
+
+    /// (offset, length, pattern byte, write zeros instead)
+    type Write = (u64, u64, u8, bool);
+
+    fn strategy() -> impl Strategy<Value = (usize, u64, Vec<Write>)> {
+        (0..SUBFORMATS.len(), 1u64..=6 * M / 512).prop_flat_map(|(sub, sectors)| {
+            let size = sectors * 512;
+            let writes =
+                prop::collection::vec((0..size, 1u64..=200 * K, any::<u8>(), any::<bool>()), 0..6);
+            (Just(sub), Just(size), writes)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 8,
+            max_shrink_iters: 16,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        /// Random writes (data or zeros) by qemu-io into a vmdk of a random subformat:
+        /// `map` equals qemu-img's, `convert -O raw` and `convert -O vmdk` keep the content.
+        #[test]
+        fn prop_vmdk_map_and_convert((sub, size, writes) in strategy()) {
+            let d = TestDir::new();
+            d.qemu(&["create", "-q", "-f", "vmdk", "-o", SUBFORMATS[sub], "p.vmdk", &size.to_string()])
+                .assert_ok();
+            let cmds: Vec<String> = writes
+                .iter()
+                .map(|&(o, l, p, z)| {
+                    let l = l.min(size - o).max(1).min(size - o);
+                    if z { format!("write -z {o} {l}") } else { format!("write -P {p} {o} {l}") }
+                })
+                .collect();
+            if !cmds.is_empty() {
+                d.qemu_io_fmt("vmdk", "p.vmdk", &cmds);
+            }
+            for args in [&["map", "--output=json", "p.vmdk"][..], &["map", "p.vmdk"][..]] {
+                let pair = d.both(args);
+                prop_assert!(pair.diff().is_none(), "{}: {cmds:?}\n{}", SUBFORMATS[sub], pair.diff().unwrap());
+            }
+            let r = d.rimg(&["convert", "-O", "raw", "p.vmdk", "r.raw"]);
+            prop_assert!(r.ok(), "{}", r.describe());
+            let q = d.qemu(&["compare", "-f", "vmdk", "-F", "raw", "p.vmdk", "r.raw"]);
+            prop_assert!(q.ok(), "{cmds:?}\n{}", q.describe());
+            let r = d.rimg(&["convert", "-O", "vmdk", "-o", "subformat=streamOptimized", "p.vmdk", "s.vmdk"]);
+            prop_assert!(r.ok(), "{}", r.describe());
+            let q = d.qemu(&["compare", "p.vmdk", "s.vmdk"]);
+            prop_assert!(q.ok(), "{cmds:?}\n{}", q.describe());
+        }
+    }
+}
