@@ -170,6 +170,42 @@ fn delta_disk_backing_chain() {
     c.finish();
 }
 
+/// `convert -S 0` writes every grain, clusters of zeros too (compressed in a
+/// streamOptimized image), as qemu-img does.
+#[test]
+fn convert_sparse_size_0() {
+    let t = Twin::new();
+    let mut c = Checks::new();
+    t.s.sparse("src.raw", 2 * M + 512);
+    t.s.qemu_io("src.raw", &["write -P 5 64k 64k"]);
+    for sub in ["streamOptimized", "monolithicSparse", "monolithicFlat"] {
+        let img = format!("{sub}.vmdk");
+        let o = format!("subformat={sub}");
+        let pair = t.run(&[
+            "convert",
+            "-S",
+            "0",
+            "-f",
+            "raw",
+            "-O",
+            "vmdk",
+            "-o",
+            &o,
+            "../s/src.raw",
+            &img,
+        ]);
+        c.same(&pair);
+        let qm = t.q.qemu(&["map", "--output=json", &img]);
+        let rm = t.r.qemu(&["map", "--output=json", &img]);
+        c.check(qm.out() == rm.out(), || {
+            format!("map of {img} differs\n{}{}", qm.describe(), rm.describe())
+        });
+        let cmp = t.r.qemu(&["compare", "-f", "raw", "../s/src.raw", &img]);
+        c.check(cmp.ok(), || format!("compare {img}\n{}", cmp.describe()));
+    }
+    c.finish();
+}
+
 /// Mask the descriptor's `CID=` and `parentCID=` values (random in both tools) and
 /// collapse runs of zero bytes (a CID one digit shorter moves the rest of the descriptor
 /// by a byte inside its zero-padded area).

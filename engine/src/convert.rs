@@ -138,6 +138,7 @@ pub fn convert(
         cluster_of: HashMap::new(),
         dst_idx: dst_idx.clone(),
         target_zero: target.is_zero,
+        keep_zeros: opts.sparse == Some(0),
     };
     // -c: the target's cluster size and codec; units are whole target clusters.
     let compress = opts.compress && !plan.writer.compressed_writes_are_plain();
@@ -330,6 +331,8 @@ struct Planner<'a, 'w> {
     cluster_of: HashMap<u64, u64>,
     dst_idx: Vec<FileIdx>,
     target_zero: bool,
+    /// `-S 0`: clusters of zeros are written too (compressed, with `-c`)
+    keep_zeros: bool,
 }
 
 impl Planner<'_, '_> {
@@ -436,7 +439,7 @@ impl Planner<'_, '_> {
     ) {
         let len: u64 = pieces.iter().map(|p| p.1).sum();
         let first = pieces.first().map_or(0, |p| p.0);
-        if !has_data {
+        if !has_data && !self.keep_zeros {
             if !self.target_zero {
                 let dst = self.dst_idx.clone();
                 self.zero(&dst, start + first, len);
@@ -457,7 +460,8 @@ impl Planner<'_, '_> {
         }
         full.extend(pieces);
         let total: u64 = full.iter().map(|p| p.1).sum();
-        let w = CompressWork::new(id, start, total, cs, full, codec, salvage);
+        let mut w = CompressWork::new(id, start, total, cs, full, codec, salvage);
+        w.keep_zeros = self.keep_zeros;
         self.dispatch(Box::new(w), None, id, total);
     }
 
