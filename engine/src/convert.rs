@@ -148,9 +148,14 @@ pub fn convert(
             None => {
                 drop(plan);
                 pool.join();
-                return Err(Error::Format(rimg_formats::Error::Unsupported(
-                    "Compression not supported for this file format".into(),
-                )));
+                // qemu-img's words: a format that compresses, but not this image (a vmdk
+                // of flat extents has no cluster size), or a format that does not.
+                let why = if target.image.cluster_size().is_none() {
+                    "invalid cluster size"
+                } else {
+                    "Compression not supported for this file format"
+                };
+                return Err(Error::Format(rimg_formats::Error::Unsupported(why.into())));
             }
         }
     } else {

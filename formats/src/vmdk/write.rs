@@ -404,7 +404,8 @@ impl ImageWriter for VmdkWriter {
     }
 
     fn compressed_writes_are_plain(&self) -> bool {
-        !self.always_compressed()
+        // QEMU writes sparse grains plainly; flat extents refuse (no cluster size).
+        !self.always_compressed() && self.extents.iter().all(|e| e.sparse().is_some())
     }
 
     fn always_compressed(&self) -> bool {
