@@ -547,13 +547,9 @@ impl ImageWriter for VmdkWriter {
                 ExtentKind::Flat { offset } => {
                     let n = end.min(ext_end) - pos;
                     let host = HostOff(offset.saturating_add(rel));
-                    out.push(if self.files[file.0 as usize].is_block_device() {
-                        Action::WriteZeroes { file, host, len: n }
-                    } else if may_unmap {
-                        Action::PunchHole { file, host, len: n }
-                    } else {
-                        Action::ZeroRange { file, host, len: n }
-                    });
+                    // QEMU's vmdk cannot zero a flat extent; its block layer writes zeros.
+                    let _ = may_unmap;
+                    out.push(Action::WriteZeroes { file, host, len: n });
                     pos += n;
                 }
                 ExtentKind::Sparse(s) => {
