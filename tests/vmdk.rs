@@ -206,6 +206,73 @@ fn convert_sparse_size_0() {
     c.finish();
 }
 
+/// `convert -n` into a sparse image holding data: where the source reads zeros qemu-img
+/// writes zeros, which allocates grains (or sets zeroed-grain entries): the same map.
+#[test]
+fn convert_n_allocates_as_qemu() {
+    let t = Twin::new();
+    let mut c = Checks::new();
+    let size = 3 * M;
+    t.s.qemu(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "src.qcow2",
+        "3M",
+    ])
+    .assert_ok();
+    t.s.qemu_io_fmt(
+        "qcow2",
+        "src.qcow2",
+        &[
+            "write -P 1 0 10k",
+            "write -z 64k 64k",
+            "write -P 3 1000k 70k",
+            "write -P 4 3068k 4k",
+        ],
+    );
+    for o in [
+        "subformat=monolithicSparse",
+        "zeroed_grain=on",
+        "subformat=twoGbMaxExtentSparse",
+    ] {
+        t.each(|d| {
+            let _ = std::fs::remove_file(d.join("n.vmdk"));
+            let _ = std::fs::remove_file(d.join("n-s001.vmdk"));
+            d.qemu(&[
+                "create",
+                "-q",
+                "-f",
+                "vmdk",
+                "-o",
+                o,
+                "n.vmdk",
+                &size.to_string(),
+            ])
+            .assert_ok();
+            d.qemu_io_fmt(
+                "vmdk",
+                "n.vmdk",
+                &["write -P 7 0 200k", "write -P 8 2M 64k"],
+            );
+        });
+        c.same(&t.run(&["convert", "-n", "-O", "vmdk", "../s/src.qcow2", "n.vmdk"]));
+        let qm = t.q.qemu(&["map", "--output=json", "n.vmdk"]);
+        let rm = t.r.qemu(&["map", "--output=json", "n.vmdk"]);
+        c.check(qm.out() == rm.out(), || {
+            format!(
+                "map after convert -n ({o})\n{}{}",
+                qm.describe(),
+                rm.describe()
+            )
+        });
+    }
+    c.finish();
+}
+
 /// `convert -c`: sparse grains are written plainly, flat extents refuse (no cluster size),
 /// streamOptimized compresses as always, as qemu-img does.
 #[test]

@@ -566,17 +566,25 @@ impl ImageWriter for VmdkWriter {
                             self.update_cid()?;
                         }
                     } else if unallocated {
-                        if self.backed && v == 0 {
-                            if compressed {
+                        if compressed {
+                            if self.backed && v == 0 {
                                 return Err(unsupported(
                                     "zeroing an unallocated streamOptimized grain over a backing file is not supported by rimg yet",
                                 ));
                             }
-                            // A fresh grain past the end of the file reads as zeros.
+                            // QEMU writes a compressed grain of zeros; left unallocated, the
+                            // grain reads as zeros all the same.
+                        } else {
+                            // QEMU cannot zero here and its block layer writes zeros, which
+                            // allocates the grain: a fresh grain past the end of the file
+                            // reads as zeros without writing any.
                             let h = self.take_space(ei, gb, gb)?;
                             self.grow_to(ei, h + gb);
                             self.set_entry(ei, g, (h / 512) as u32)?;
-                            self.track(ei, g);
+                            self.fresh.push((file.0 as usize, h, gb));
+                            if v == 0 {
+                                self.track(ei, g);
+                            }
                             self.cover(ei, g, pos, n);
                             self.update_cid()?;
                         }
