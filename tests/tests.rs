@@ -21,6 +21,7 @@ mod locking;
 mod map;
 mod measure;
 mod prop_map;
+mod qcow2_encrypted;
 mod qcow2_read;
 mod qcow2_write;
 mod quiet_stderr;

@@ -100,11 +100,7 @@ pub fn convert(
     for s in sources {
         let mut per_layer = Vec::new();
         for layer in s.chain.layers() {
-            let mut v = Vec::new();
-            for f in layer.image.files() {
-                v.push(files.add(engine, f, false, opts.src_cache)?);
-            }
-            per_layer.push(v);
+            per_layer.push(files.add_image(engine, &*layer.image, false, opts.src_cache)?);
         }
         src_idx.push(per_layer);
     }
@@ -114,6 +110,11 @@ pub fn convert(
         files.mark_written(i);
         dst_idx.push(i);
     }
+    let encrypted = src_idx
+        .iter()
+        .flatten()
+        .flatten()
+        .any(|&i| files.encrypted(i));
     let files = Arc::new(files);
     let mut pool = Pool::start_with_unit(engine, files.clone(), usize::MAX, 1, unit as usize)?;
     let max_inflight = opts.parallel.max(1) * 2;
@@ -139,6 +140,7 @@ pub fn convert(
         dst_idx: dst_idx.clone(),
         target_zero: target.is_zero,
         keep_zeros: opts.sparse == Some(0),
+        encrypted,
     };
     // -c: the target's cluster size and codec; units are whole target clusters.
     let compress = opts.compress && !plan.writer.compressed_writes_are_plain();
@@ -313,6 +315,8 @@ pub fn convert(
 }
 
 struct Planner<'a, 'w> {
+    /// a source is encrypted (no copy_file_range: bytes must pass through memory)
+    encrypted: bool,
     pool: &'a mut Pool,
     writer: &'w mut dyn ImageWriter,
     tickets: HashMap<u64, Ticket>,
@@ -600,8 +604,11 @@ impl Planner<'_, '_> {
             .collect();
         let id = self.next_id;
         self.next_id += 1;
-        let cfr =
-            opts.copy_range && detect.is_none() && matches!(src, Src::Data(..)) && dst.len() == 1;
+        let cfr = opts.copy_range
+            && !self.encrypted
+            && detect.is_none()
+            && matches!(src, Src::Data(..))
+            && dst.len() == 1;
         let w = Box::new(CopyWork::new(
             id,
             t,

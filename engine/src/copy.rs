@@ -442,6 +442,21 @@ impl Work for CopyWork {
                         }
                     }
                 }
+                if let (Src::Data(file, host), None) = (self.src, &self.err) {
+                    if cx.files.encrypted(file) {
+                        let n = want.div_ceil(512) * 512;
+                        buf.set_len(buf.capacity().min(n.max(buf.len())));
+                        let at = host - self.skip as u64;
+                        let end = n.min(buf.len());
+                        if let Err(e) = cx.files.decrypt(file, at, &mut buf.as_mut_slice()[..end]) {
+                            self.set_err(Error::Read {
+                                guest: self.guest,
+                                path: cx.files.path(file).to_string(),
+                                source: e,
+                            });
+                        }
+                    }
+                }
                 self.buf = Some(buf);
                 if self.err.is_none() {
                     self.plan_writes();

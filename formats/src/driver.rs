@@ -61,6 +61,27 @@ pub struct SnapshotInfo {
     pub l1_size: u32,
 }
 
+/// The encryption of an image's data: sector `n` of the IV sequence is the 512 bytes at
+/// host offset `base + n * 512` of `file`.
+#[derive(Clone)]
+pub struct Encryption {
+    /// which of the image's files holds encrypted data
+    pub file: FileId,
+    /// host offset of IV sector 0
+    pub base: u64,
+    /// the cipher, keyed
+    pub cipher: Arc<dyn crate::crypto::cipher::SectorCipher>,
+}
+
+impl std::fmt::Debug for Encryption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encryption")
+            .field("file", &self.file)
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
 /// How an image is to be opened.
 #[derive(Clone, Debug, Default)]
 pub struct OpenOptions {
@@ -72,6 +93,8 @@ pub struct OpenOptions {
     pub no_lock: bool,
     /// read this internal snapshot instead of the active image (`convert -l`); read-only
     pub snapshot: Option<String>,
+    /// the key secret of an encrypted image (`encrypt.key-secret`), as bytes
+    pub key: Option<Vec<u8>>,
 }
 
 impl OpenOptions {
@@ -271,6 +294,15 @@ pub trait Image: Send + Sync {
     /// `dirty-flag`. The default is `true`.
     fn info_available(&self) -> bool {
         true
+    }
+    /// Whether the image's data is encrypted (`encrypted` in `info`).
+    fn encrypted(&self) -> bool {
+        false
+    }
+    /// How to decrypt the image's data, when it is encrypted and was opened with its key:
+    /// bytes of [`Extent::Data`] in `file` are encrypted by 512-byte sectors.
+    fn encryption(&self) -> Option<Encryption> {
+        None
     }
     /// Whether the image's dirty flag is set (`dirty-flag` in `info`).
     fn dirty(&self) -> bool {

@@ -19,6 +19,7 @@
 #![deny(missing_docs)]
 
 pub mod chain;
+pub mod crypto;
 pub mod driver;
 pub mod error;
 pub mod extent;
@@ -34,8 +35,8 @@ pub mod vpc;
 
 pub use chain::{Chain, ChainExtent};
 pub use driver::{
-    Access, Action, BackingRef, CreateSpec, FormatDriver, Image, ImageWriter, OpenOptions,
-    Placement, Preallocation, SnapshotInfo, Ticket,
+    Access, Action, BackingRef, CreateSpec, Encryption, FormatDriver, Image, ImageWriter,
+    OpenOptions, Placement, Preallocation, SnapshotInfo, Ticket,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use extent::{Codec, Extent};

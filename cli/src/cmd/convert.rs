@@ -239,6 +239,8 @@ pub fn run(args: &[String]) -> Result<i32> {
             format: Some(fmt.to_string()),
             no_lock: false,
             snapshot: None,
+            key_secret: None,
+            opts_name: None,
         }
     };
     if !no_create {
@@ -271,6 +273,7 @@ pub fn run(args: &[String]) -> Result<i32> {
             force_share: false,
             no_lock: tspec.no_lock,
             snapshot: None,
+            key: None,
         },
     )
     .map_err(|e| anyhow!(open_message(&tspec.path, e)))?;

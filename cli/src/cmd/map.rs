@@ -253,7 +253,11 @@ fn collect(chain: &Chain, start: u64, end: u64) -> Result<Vec<Entry>> {
         }
         let mut pos = off;
         for ce in &exts {
-            let e = Entry::from_chain(ce, pos, layers);
+            let mut e = Entry::from_chain(ce, pos, layers);
+            // QEMU gives no host offset for encrypted data.
+            if ce.depth < layers && chain.layers()[ce.depth].image.encrypted() {
+                e.offset = None;
+            }
             pos += e.length;
             let merged = entries.last_mut().is_some_and(|last| last.try_merge(&e));
             if !merged {
