@@ -27,4 +27,5 @@ mod qcow2_read;
 mod qcow2_write;
 mod quiet_stderr;
 mod resize;
+mod vmdk;
 mod vpc;

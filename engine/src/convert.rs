@@ -134,22 +134,30 @@ pub fn convert(
         started: Instant::now(),
         dispatched: 0,
         rate: opts.rate,
-        payloads: VecDeque::new(),
+        payloads: HashMap::new(),
+        order: VecDeque::new(),
         cluster_of: HashMap::new(),
         dst_idx: dst_idx.clone(),
         target_zero: target.is_zero,
+        keep_zeros: opts.sparse == Some(0),
         encrypted,
     };
     // -c: the target's cluster size and codec; units are whole target clusters.
-    let squeeze = if opts.compress || plan.writer.always_compressed() {
+    let compress = opts.compress && !plan.writer.compressed_writes_are_plain();
+    let squeeze = if compress || plan.writer.always_compressed() {
         match plan.writer.compression_unit() {
             Some(u) => Some(u),
             None => {
                 drop(plan);
                 pool.join();
-                return Err(Error::Format(rimg_formats::Error::Unsupported(
-                    "Compression not supported for this file format".into(),
-                )));
+                // qemu-img's words: a format that compresses, but not this image (a vmdk
+                // of flat extents has no cluster size), or a format that does not.
+                let why = if target.image.cluster_size().is_none() {
+                    "invalid cluster size"
+                } else {
+                    "Compression not supported for this file format"
+                };
+                return Err(Error::Format(rimg_formats::Error::Unsupported(why.into())));
             }
         }
     } else {
@@ -211,7 +219,8 @@ pub fn convert(
             };
             for ce in exts.drain(..) {
                 let len = ce.extent.len();
-                if opts.top_layer_only && ce.depth != 0 {
+                let below = opts.top_layer_only && ce.depth != 0;
+                if below && squeeze.is_none() {
                     // The target's backing file shows through here.
                     tgt += len;
                     plan.done += len;
@@ -219,6 +228,9 @@ pub fn convert(
                 }
                 let src = Src::from_extent(&ce, &src_idx[si]);
                 if let Some((cs, codec)) = squeeze {
+                    // With -B, a cluster the top layer touches is compressed whole, its
+                    // other bytes read from the source's lower layers (the target's
+                    // backing file has them); a cluster it does not touch is skipped.
                     // Split at target cluster boundaries and gather whole clusters.
                     let mut done = 0;
                     while done < len {
@@ -226,12 +238,13 @@ pub fn convert(
                         let cstart = t / cs * cs;
                         let n = (cs - t % cs).min(len - done);
                         if gathering.as_ref().is_some_and(|g| g.0 != cstart) {
-                            let (gs, pieces, data) = gathering.take().expect("checked");
-                            plan.squeeze(gs, cs, pieces, data, codec, opts.salvage);
+                            let g = gathering.take().expect("checked");
+                            plan.squeeze_gathered(g, cs, codec, opts.salvage);
                         }
-                        let g = gathering.get_or_insert_with(|| (cstart, Vec::new(), false));
+                        let g = gathering.get_or_insert_with(|| (cstart, Vec::new(), false, false));
                         let piece = src.advance(done);
                         g.2 |= piece != Src::Zeros;
+                        g.3 |= !below;
                         g.1.push((t - cstart, n, piece));
                         done += n;
                     }
@@ -259,10 +272,29 @@ pub fn convert(
             off += covered;
         }
     }
-    if let (Some((cs, codec)), Some((gs, pieces, data))) = (squeeze, gathering.take()) {
-        plan.squeeze(gs, cs, pieces, data, codec, opts.salvage);
+    if let (Some((cs, codec)), Some(g)) = (squeeze, gathering.take()) {
+        plan.squeeze_gathered(g, cs, codec, opts.salvage);
     }
     plan.drain_all();
+    // -B: units the target allocated over its backing file that the source's top layer
+    // filled only in part take the rest from the source's lower layers (what the target's
+    // backing file holds), as QEMU's copy-on-write takes it from the backing file.
+    if opts.top_layer_only && squeeze.is_none() && sources.len() == 1 && plan.err.is_none() {
+        let fills = plan.writer.backing_fills();
+        if !fills.is_empty() {
+            let done = plan.done;
+            fill_from_lower_layers(
+                &mut plan,
+                &sources[0],
+                &src_idx[0],
+                target.offset,
+                &fills,
+                opts,
+            );
+            plan.drain_all();
+            plan.done = done;
+        }
+    }
     let err = plan.err.take();
     let stats = Stats {
         bytes: plan.done,
@@ -299,12 +331,17 @@ struct Planner<'a, 'w> {
     started: Instant,
     dispatched: u64,
     rate: Option<u64>,
-    /// compress outcomes waiting for space in the target
-    payloads: VecDeque<(u64, u64, Payload)>,
+    /// compress outcomes waiting for space in the target: unit id -> (bytes, payload)
+    payloads: HashMap<u64, (u64, Payload)>,
+    /// compress unit ids in guest order: space is reserved in this order, so the target's
+    /// layout follows the guest (a streamOptimized vmdk's grains in increasing order)
+    order: VecDeque<u64>,
     /// compress unit id -> guest start of its cluster
     cluster_of: HashMap<u64, u64>,
     dst_idx: Vec<FileIdx>,
     target_zero: bool,
+    /// `-S 0`: clusters of zeros are written too (compressed, with `-c`)
+    keep_zeros: bool,
 }
 
 impl Planner<'_, '_> {
@@ -318,8 +355,12 @@ impl Planner<'_, '_> {
         self.inflight -= 1;
         if let (Ok(_), Some(p)) = (&o.result, o.payload) {
             // A compressed cluster: space is reserved, and the write sent, from the main loop.
-            self.payloads.push_back((o.id, o.bytes, p));
+            self.payloads.insert(o.id, (o.bytes, p));
             return;
+        }
+        if self.cluster_of.remove(&o.id).is_some() {
+            // A compress unit that failed: nothing to place.
+            self.order.retain(|i| *i != o.id);
         }
         let ticket = self.tickets.remove(&o.id);
         match o.result {
@@ -367,8 +408,32 @@ impl Planner<'_, '_> {
             if self.payloads.is_empty() {
                 break;
             }
+            let before = self.payloads.len();
             self.process_payloads();
+            if self.payloads.len() == before && self.inflight == 0 {
+                self.fail(Error::Setup(
+                    "compressed clusters were left unplaced (internal ordering error)".into(),
+                ));
+                break;
+            }
         }
+    }
+
+    /// Dispatch the compress unit of a gathered cluster, or skip it when, with `-B`, only
+    /// the source's lower layers cover it (the target's backing file shows through).
+    fn squeeze_gathered(
+        &mut self,
+        g: Gathered,
+        cs: u64,
+        codec: rimg_formats::Codec,
+        salvage: bool,
+    ) {
+        let (start, pieces, data, top) = g;
+        if !top {
+            self.done += pieces.iter().map(|p| p.1).sum::<u64>();
+            return;
+        }
+        self.squeeze(start, cs, pieces, data, codec, salvage);
     }
 
     /// Dispatch one compress unit for the cluster at `start` (nothing when it has no data).
@@ -383,7 +448,7 @@ impl Planner<'_, '_> {
     ) {
         let len: u64 = pieces.iter().map(|p| p.1).sum();
         let first = pieces.first().map_or(0, |p| p.0);
-        if !has_data {
+        if !has_data && !self.keep_zeros {
             if !self.target_zero {
                 let dst = self.dst_idx.clone();
                 self.zero(&dst, start + first, len);
@@ -395,6 +460,7 @@ impl Planner<'_, '_> {
         let id = self.next_id;
         self.next_id += 1;
         self.cluster_of.insert(id, start);
+        self.order.push_back(id);
         // A cluster is compressed whole: pieces cover it from `first`; anything before
         // (a source that starts mid-cluster) reads as zeros.
         let mut full = Vec::with_capacity(pieces.len() + 1);
@@ -403,19 +469,29 @@ impl Planner<'_, '_> {
         }
         full.extend(pieces);
         let total: u64 = full.iter().map(|p| p.1).sum();
-        let w = CompressWork::new(id, start, total, cs, full, codec, salvage);
+        let mut w = CompressWork::new(id, start, total, cs, full, codec, salvage);
+        w.keep_zeros = self.keep_zeros;
         self.dispatch(Box::new(w), None, id, total);
     }
 
     /// Reserve target space for finished compress units and send their writes.
     fn process_payloads(&mut self) {
-        while let Some((id, bytes, p)) = self.payloads.pop_front() {
+        loop {
+            if self.err.is_some() {
+                self.payloads.clear();
+                self.order.clear();
+                return;
+            }
+            let Some(&id) = self.order.front() else {
+                return;
+            };
+            let Some((bytes, p)) = self.payloads.remove(&id) else {
+                return; // the next cluster in guest order is still being compressed
+            };
+            self.order.pop_front();
             let Some(start) = self.cluster_of.remove(&id) else {
                 continue;
             };
-            if self.err.is_some() {
-                continue;
-            }
             let res = match p {
                 Payload::Zero => {
                     if self.target_zero {
@@ -559,5 +635,65 @@ impl Planner<'_, '_> {
     }
 }
 
-/// A target cluster being gathered for compression: (guest start, pieces, has data).
-type Gathered = (u64, Vec<(u64, u64, Src)>, bool);
+/// A target cluster being gathered for compression: (guest start, pieces, has data, has a
+/// piece of the source's top layer).
+type Gathered = (u64, Vec<(u64, u64, Src)>, bool, bool);
+
+/// Copy guest ranges `fills` of the target (see `ImageWriter::backing_fills`) from the
+/// whole chain of `s`, whose first byte lands at `target_offset`.
+fn fill_from_lower_layers(
+    plan: &mut Planner<'_, '_>,
+    s: &Source<'_>,
+    src_idx: &[Vec<FileIdx>],
+    target_offset: u64,
+    fills: &[(u64, u64)],
+    opts: &ConvertOptions<'_>,
+) {
+    let dst_idx = plan.dst_idx.clone();
+    let mut exts = Vec::new();
+    for &(t, len) in fills {
+        let Some(rel) = t.checked_sub(target_offset) else {
+            continue;
+        };
+        let mut done = 0;
+        while done < len && plan.err.is_none() {
+            let off = s.start + rel + done;
+            exts.clear();
+            let n = if off >= s.chain.virtual_size() {
+                0
+            } else {
+                match s.chain.map(GuestOff(off), len - done, &mut exts) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        plan.fail(Error::Map {
+                            image: s.chain.layers()[0].filename.clone(),
+                            off,
+                            source: e,
+                        });
+                        return;
+                    }
+                }
+            };
+            if n == 0 {
+                // Past the end of the source: zeros.
+                plan.zero(&dst_idx, t + done, len - done);
+                break;
+            }
+            let mut pos = t + done;
+            for ce in exts.drain(..) {
+                let l = ce.extent.len().min(t + len - pos);
+                if l == 0 {
+                    break;
+                }
+                let src = Src::from_extent(&ce, src_idx);
+                if src == Src::Zeros {
+                    plan.zero(&dst_idx, pos, l);
+                } else {
+                    plan.copy(&dst_idx, pos, l, src, None, false, opts);
+                }
+                pos += l;
+            }
+            done += n.min(len - done);
+        }
+    }
+}

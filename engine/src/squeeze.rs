@@ -34,6 +34,8 @@ pub(crate) struct CompressWork {
     pub codec: Codec,
     /// turn read errors into zeros
     pub salvage: bool,
+    /// compress a cluster of zeros too (`convert -S 0`) instead of reporting it as zeros
+    pub keep_zeros: bool,
     result: Option<Result<Payload, Error>>,
 }
 
@@ -56,6 +58,7 @@ impl CompressWork {
             pieces,
             codec,
             salvage,
+            keep_zeros: false,
             result: None,
         }
     }
@@ -108,7 +111,7 @@ impl Work for CompressWork {
         let r = self
             .gather(cx.files, &mut data[..self.len as usize])
             .and_then(|()| {
-                if zero::is_zero(&data) {
+                if !self.keep_zeros && zero::is_zero(&data) {
                     return Ok(Payload::Zero);
                 }
                 let mut out = Vec::new();

@@ -264,6 +264,18 @@ pub trait Image: Send + Sync {
     fn cluster_size(&self) -> Option<u64> {
         None
     }
+    /// Child nodes `info` lists besides `file` (QEMU's `children`), in the order QEMU
+    /// prints them (before `file`): a name such as `extents.0` and the file. The default
+    /// has none.
+    fn child_files(&self) -> Vec<(String, FileId)> {
+        Vec::new()
+    }
+    /// The name human `map` prints for file `file` of this image (`None`: the CLI's
+    /// default, the image name for file 0 and an absolute path otherwise).
+    fn map_file_name(&self, file: FileId) -> Option<String> {
+        let _ = file;
+        None
+    }
     /// The `format-specific` data of `info --output=json` (`None` when qemu prints none).
     fn format_specific(&self) -> Option<serde_json::Value> {
         None
@@ -276,6 +288,12 @@ pub trait Image: Send + Sync {
     /// The internal snapshots, in table order.
     fn snapshots(&self) -> Vec<SnapshotInfo> {
         Vec::new()
+    }
+    /// Whether QEMU's driver info (`bdrv_get_info`) is available for this image: when it is
+    /// not (a vmdk whose extents differ in kind), `info` shows neither `cluster-size` nor
+    /// `dirty-flag`. The default is `true`.
+    fn info_available(&self) -> bool {
+        true
     }
     /// Whether the image's data is encrypted (`encrypted` in `info`).
     fn encrypted(&self) -> bool {
@@ -365,6 +383,19 @@ pub trait ImageWriter: Send {
     /// compresses without `-c`, and a unit that does not shrink is still written through
     /// [`ImageWriter::allocate_compressed`].
     fn always_compressed(&self) -> bool {
+        false
+    }
+    /// Guest ranges `(start, len)` of units this writer allocated over a backing file that
+    /// nothing has written or zeroed yet: they must hold the backing file's bytes (QEMU's
+    /// copy-on-write). A caller that has those bytes (`convert -B`: the source's lower
+    /// layers) writes them through `allocate`/`zero` before `flush`; `flush` refuses to
+    /// publish a unit still missing some. The default has none.
+    fn backing_fills(&mut self) -> Vec<(u64, u64)> {
+        Vec::new()
+    }
+    /// Whether `convert -c` writes plain (uncompressed) data into this image, as QEMU's
+    /// vmdk does for extents that are not compressed. The default is `false`.
+    fn compressed_writes_are_plain(&self) -> bool {
         false
     }
     /// Before `commit`: the engine wrote nothing to these guest ranges of `ticket` (they are

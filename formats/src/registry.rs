@@ -8,6 +8,7 @@ use crate::file::FileLayer;
 pub static DRIVERS: &[&dyn FormatDriver] = &[
     &crate::raw::RAW,
     &crate::qcow2::QCOW2,
+    &crate::vmdk::VMDK,
     &crate::vpc::VPC,
     &crate::luks::LUKS,
 ];
@@ -38,7 +39,6 @@ const QEMU_FORMATS: &[&str] = &[
     "throttle",
     "vdi",
     "vhdx",
-    "vmdk",
     "vvfat",
 ];
 

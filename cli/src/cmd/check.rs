@@ -93,6 +93,10 @@ pub fn run(args: &[String]) -> Result<i32> {
         return Ok(63);
     };
     if o.has("repair") {
+        if result.as_ref().is_ok_and(|r| r.no_repair) {
+            report("This image format does not support checks");
+            return Ok(63);
+        }
         anyhow::bail!("repairing images is not supported by rimg yet");
     }
     let r = match result {
@@ -105,14 +109,22 @@ pub fn run(args: &[String]) -> Result<i32> {
     for m in &r.messages {
         eprintln!("{m}");
     }
+    if let Some(why) = &r.fatal {
+        report(&format!("Check failed: {why}"));
+        return Ok(1);
+    }
     let path = &chain.layers()[0].filename;
     if json {
         let mut m = serde_json::Map::new();
-        m.insert("image-end-offset".into(), r.image_end_offset.into());
+        if !r.no_stats {
+            m.insert("image-end-offset".into(), r.image_end_offset.into());
+        }
         if r.compressed_clusters > 0 {
             m.insert("compressed-clusters".into(), r.compressed_clusters.into());
         }
-        m.insert("total-clusters".into(), r.total_clusters.into());
+        if !r.no_stats {
+            m.insert("total-clusters".into(), r.total_clusters.into());
+        }
         if r.corruptions > 0 {
             m.insert("corruptions".into(), r.corruptions.into());
         }
@@ -120,7 +132,9 @@ pub fn run(args: &[String]) -> Result<i32> {
         if r.leaks > 0 {
             m.insert("leaks".into(), r.leaks.into());
         }
-        m.insert("allocated-clusters".into(), r.allocated_clusters.into());
+        if !r.no_stats {
+            m.insert("allocated-clusters".into(), r.allocated_clusters.into());
+        }
         m.insert("filename".into(), path.clone().into());
         m.insert("format".into(), chain.top().format().into());
         if r.fragmented_clusters > 0 {
@@ -169,7 +183,9 @@ pub fn run(args: &[String]) -> Result<i32> {
                 comp
             ));
         }
-        s.push_str(&format!("Image end offset: {}\n", r.image_end_offset));
+        if !r.no_stats {
+            s.push_str(&format!("Image end offset: {}\n", r.image_end_offset));
+        }
         print!("{s}");
     }
     Ok(if r.check_errors > 0 {

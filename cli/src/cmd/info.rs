@@ -87,22 +87,6 @@ pub fn run(args: &[String]) -> Result<i32> {
     Ok(0)
 }
 
-fn protocol_of(l: &Layer) -> &'static str {
-    if l.image.files()[0].is_block_device() {
-        "host_device"
-    } else {
-        "file"
-    }
-}
-
-/// The file child's size as QEMU's block layer reports it (rounded up to 512 bytes).
-fn file_length(l: &Layer) -> u64 {
-    l.image.files()[0]
-        .len()
-        .map(|n| n.div_ceil(512) * 512)
-        .unwrap_or(0)
-}
-
 /// The backing file as qemu-img reports it: (name as stored, full path, format).
 fn backing_of(l: &Layer) -> Option<(String, String, Option<String>)> {
     let b = l.image.backing()?;
@@ -110,24 +94,65 @@ fn backing_of(l: &Layer) -> Option<(String, String, Option<String>)> {
     Some((b.name, full, b.format))
 }
 
+/// The child nodes `info` shows: the format's own (vmdk extents) first, then `file`:
+/// (name, filename as shown, the file).
+fn children(l: &Layer) -> Vec<(String, String, &rimg_formats::FileLayer)> {
+    let files = l.image.files();
+    let mut v: Vec<_> = l
+        .image
+        .child_files()
+        .into_iter()
+        .filter_map(|(name, id)| {
+            files
+                .get(id.0 as usize)
+                .map(|f| (name, f.path().to_string(), f.as_ref()))
+        })
+        .collect();
+    v.push(("file".into(), l.filename.clone(), files[0].as_ref()));
+    v
+}
+
+/// Bytes allocated for the image: its file and every child's (QEMU sums vmdk extents).
+fn allocated(l: &Layer) -> u64 {
+    let files = l.image.files();
+    files[0].allocated_bytes()
+        + l.image
+            .child_files()
+            .iter()
+            .filter_map(|(_, id)| files.get(id.0 as usize))
+            .map(|f| f.allocated_bytes())
+            .sum::<u64>()
+}
+
+fn protocol_name(f: &rimg_formats::FileLayer) -> &'static str {
+    if f.is_block_device() {
+        "host_device"
+    } else {
+        "file"
+    }
+}
+
 /// `info --output=json` of one layer (QAPI `ImageInfo`, keys in QEMU's order).
 pub fn layer_json(l: &Layer) -> Value {
-    let file = &l.image.files()[0];
-    let proto = protocol_of(l);
-    let mut child = Map::new();
-    child.insert("children".into(), json!([]));
-    child.insert("virtual-size".into(), json!(file_length(l)));
-    child.insert("filename".into(), json!(l.filename));
-    child.insert("format".into(), json!(proto));
-    child.insert("actual-size".into(), json!(file.allocated_bytes()));
-    child.insert("format-specific".into(), json!({"type": proto, "data": {}}));
-    child.insert("dirty-flag".into(), json!(false));
+    let mut kids = Vec::new();
+    for (name, filename, f) in children(l) {
+        let proto = protocol_name(f);
+        let mut child = Map::new();
+        child.insert("children".into(), json!([]));
+        child.insert(
+            "virtual-size".into(),
+            json!(f.len().map(|n| n.div_ceil(512) * 512).unwrap_or(0)),
+        );
+        child.insert("filename".into(), json!(filename));
+        child.insert("format".into(), json!(proto));
+        child.insert("actual-size".into(), json!(f.allocated_bytes()));
+        child.insert("format-specific".into(), json!({"type": proto, "data": {}}));
+        child.insert("dirty-flag".into(), json!(false));
+        kids.push(json!({"name": name, "info": Value::Object(child)}));
+    }
     let backing = backing_of(l);
     let mut m = Map::new();
-    m.insert(
-        "children".into(),
-        json!([{"name": "file", "info": Value::Object(child)}]),
-    );
+    m.insert("children".into(), Value::Array(kids));
     let snaps = l.image.snapshots();
     if !snaps.is_empty() {
         m.insert("snapshots".into(), crate::output::snapshots_json(&snaps));
@@ -141,7 +166,7 @@ pub fn layer_json(l: &Layer) -> Value {
         m.insert("cluster-size".into(), json!(cs));
     }
     m.insert("format".into(), json!(l.image.format()));
-    m.insert("actual-size".into(), json!(file.allocated_bytes()));
+    m.insert("actual-size".into(), json!(allocated(l)));
     if let Some(fs) = l.image.format_specific() {
         m.insert("format-specific".into(), fs);
     }
@@ -154,15 +179,15 @@ pub fn layer_json(l: &Layer) -> Value {
     if let Some((name, _, _)) = &backing {
         m.insert("backing-filename".into(), json!(name));
     }
-    m.insert("dirty-flag".into(), json!(l.image.dirty()));
+    if l.image.info_available() {
+        m.insert("dirty-flag".into(), json!(l.image.dirty()));
+    }
     Value::Object(m)
 }
 
 fn layer_human(l: &Layer) -> String {
-    let file = &l.image.files()[0];
     let vsize = l.image.virtual_size();
-    let alloc = file.allocated_bytes();
-    let flen = file_length(l);
+    let alloc = allocated(l);
     let mut s = format!(
         "image: {name}\nfile format: {fmt}\nvirtual size: {vs} ({vsize} bytes)\ndisk size: {ds}\n",
         name = l.filename,
@@ -199,13 +224,15 @@ fn layer_human(l: &Layer) -> String {
             crate::output::dump_human(&mut s, data, 1);
         }
     }
-    s.push_str(&format!(
-        "Child node '/file':\n    filename: {name}\n    protocol type: {proto}\n    \
-         file length: {fl} ({flen} bytes)\n    disk size: {ds}\n",
-        name = l.filename,
-        proto = protocol_of(l),
-        fl = size_to_str(flen),
-        ds = size_to_str(alloc),
-    ));
+    for (name, filename, f) in children(l) {
+        let flen = f.len().map(|n| n.div_ceil(512) * 512).unwrap_or(0);
+        s.push_str(&format!(
+            "Child node '/{name}':\n    filename: {filename}\n    protocol type: {proto}\n    \
+             file length: {fl} ({flen} bytes)\n    disk size: {ds}\n",
+            proto = protocol_name(f),
+            fl = size_to_str(flen),
+            ds = size_to_str(f.allocated_bytes()),
+        ));
+    }
     s
 }

@@ -273,6 +273,9 @@ fn collect(chain: &Chain, start: u64, end: u64) -> Result<Vec<Entry>> {
 /// file as an absolute path (as qemu-img shows it).
 fn file_name(chain: &Chain, (layer, file): (usize, u32)) -> String {
     let l = &chain.layers()[layer];
+    if let Some(name) = l.image.map_file_name(rimg_formats::FileId(file)) {
+        return name;
+    }
     if file == 0 {
         return l.filename.clone();
     }

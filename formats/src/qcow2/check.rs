@@ -34,6 +34,15 @@ pub struct CheckReport {
     pub compressed_clusters: u64,
     /// end of the last cluster in use
     pub image_end_offset: u64,
+    /// the format reports no allocation statistics or image end (vmdk): `check` prints
+    /// only the error counts
+    pub no_stats: bool,
+    /// the format cannot repair (QEMU's vmdk): `check -r` says the format does not support
+    /// checks, exit 63
+    pub no_repair: bool,
+    /// the check itself failed after printing `messages` (qemu-img's `Check failed: ...`,
+    /// exit 1), with this reason
+    pub fatal: Option<String>,
 }
 
 fn read_table(f: &FileLayer, off: u64, n: usize, what: &str) -> Result<Vec<u64>> {
