@@ -104,6 +104,7 @@ impl Chain {
                 force_share: opts.force_share,
                 no_lock: opts.no_lock,
                 snapshot: None,
+                check: false,
             };
             let (image, probed) = open_image(&resolved, backing.format.as_deref(), &bopts)
                 .map_err(|e| {

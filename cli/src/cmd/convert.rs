@@ -271,6 +271,7 @@ pub fn run(args: &[String]) -> Result<i32> {
             force_share: false,
             no_lock: tspec.no_lock,
             snapshot: None,
+            check: false,
         },
     )
     .map_err(|e| anyhow!(open_message(&tspec.path, e)))?;

@@ -236,6 +236,12 @@ pub fn run(args: &[String]) -> Result<i32> {
 
 fn collect(chain: &Chain, start: u64, end: u64) -> Result<Vec<Entry>> {
     let layers = chain.layers().len();
+    // Formats QEMU reports no allocation status for show as data with no offset.
+    let opaque: Vec<bool> = chain
+        .layers()
+        .iter()
+        .map(|l| l.image.opaque_allocation())
+        .collect();
     let mut entries: Vec<Entry> = Vec::new();
     let mut off = start;
     let mut exts = Vec::new();
@@ -247,7 +253,14 @@ fn collect(chain: &Chain, start: u64, end: u64) -> Result<Vec<Entry>> {
         }
         let mut pos = off;
         for ce in &exts {
-            let e = Entry::from_chain(ce, pos, layers);
+            let mut e = Entry::from_chain(ce, pos, layers);
+            if opaque.get(ce.depth).copied().unwrap_or(false) {
+                e.present = true;
+                e.zero = false;
+                e.data = true;
+                e.compressed = false;
+                e.offset = None;
+            }
             pos += e.length;
             let merged = entries.last_mut().is_some_and(|last| last.try_merge(&e));
             if !merged {
