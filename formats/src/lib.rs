@@ -15,7 +15,7 @@
 //! - [`chain`]: backing chains, opened through a gate (depth limit, loop detection).
 //! - [`registry`]: the driver list and format probing.
 //! - [`opts`]: `-o` option strings and qemu-img's size syntax.
-//! - one module per format: [`raw`].
+//! - one module per format: [`raw`], [`qcow2`], [`vhdx`].
 #![deny(missing_docs)]
 
 pub mod chain;
@@ -29,6 +29,7 @@ pub mod qcow2;
 pub mod raw;
 pub mod registry;
 pub mod types;
+pub mod vhdx;
 
 pub use chain::{Chain, ChainExtent};
 pub use driver::{

@@ -5,7 +5,8 @@ use crate::error::{Error, Result};
 use crate::file::FileLayer;
 
 /// Every format rimg implements.
-pub static DRIVERS: &[&dyn FormatDriver] = &[&crate::raw::RAW, &crate::qcow2::QCOW2];
+pub static DRIVERS: &[&dyn FormatDriver] =
+    &[&crate::raw::RAW, &crate::qcow2::QCOW2, &crate::vhdx::VHDX];
 
 /// Image formats qemu-img 10.x knows that rimg does not implement yet: named in a clear
 /// "not supported yet" error instead of qemu-img's "Unknown driver".
@@ -33,7 +34,6 @@ const QEMU_FORMATS: &[&str] = &[
     "snapshot-access",
     "throttle",
     "vdi",
-    "vhdx",
     "vmdk",
     "vpc",
     "vvfat",
