@@ -25,3 +25,4 @@ mod qcow2_read;
 mod qcow2_write;
 mod quiet_stderr;
 mod resize;
+mod vhdx;

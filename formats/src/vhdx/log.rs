@@ -219,10 +219,10 @@ pub fn log_present(
     Ok(true)
 }
 
-/// Replay `entries` on disk, in order. Everything is validated before the first write:
-/// an entry needing a longer file than there is, or writing past where the file may grow,
-/// refuses the whole replay.
-pub fn replay(file: &FileLayer, entries: &[Entry]) -> Result<()> {
+/// Check that `entries` can be replayed: an entry needing a longer file than there is, or
+/// writing past where the file may grow, refuses the whole replay (before anything is
+/// written).
+pub fn validate(file: &FileLayer, entries: &[Entry]) -> Result<()> {
     let len = file.len()?;
     let path = file.path();
     let mut limit = len;
@@ -243,6 +243,12 @@ pub fn replay(file: &FileLayer, entries: &[Entry]) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Replay `entries` on disk, in order (after [`validate`]).
+pub fn replay(file: &FileLayer, entries: &[Entry]) -> Result<()> {
+    validate(file, entries)?;
     for e in entries {
         for w in &e.writes {
             match w {

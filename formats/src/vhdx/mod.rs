@@ -229,6 +229,7 @@ impl VhdxImage {
                         ),
                     });
                 }
+                log::validate(&file, &seq)?;
                 let session = header::new_guid();
                 headers.update_both(&file, session, Some(header::new_guid()), None)?;
                 log::replay(&file, &seq)?;
