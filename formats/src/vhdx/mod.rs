@@ -191,7 +191,7 @@ impl FormatDriver for VhdxDriver {
         _options: &OptionMap,
     ) -> Result<(u64, u64)> {
         Err(Error::Unsupported(
-            "Format driver 'vhdx' does not support measure".into(),
+            "Block driver 'vhdx' does not support size measurement".into(),
         ))
     }
 }

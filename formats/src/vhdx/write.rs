@@ -8,14 +8,16 @@
 //! to the next allocation, so the layout stays that of an in-order copy of the data blocks.
 //!
 //! Before the first write the headers are updated (new file and data write GUIDs), as the
-//! specification asks. BAT sectors are written on flush, after the file has been extended
-//! over every published block.
+//! specification asks. BAT sectors are written on flush (and every few hundred changed
+//! sectors), after the file has been extended over every published block, through the log
+//! as QEMU writes them: one log entry per new block, synced, then the BAT, then the log
+//! marked empty.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use super::header::{new_guid, Guid, Headers, MIB};
-use super::{state, Bat, Geometry, BAT_OFFSET_MASK};
+use super::{log, state, Bat, Geometry, BAT_OFFSET_MASK};
 use crate::driver::{Action, ImageWriter, Placement, Preallocation, Ticket};
 use crate::error::{Error, Result};
 use crate::file::FileLayer;
@@ -32,6 +34,8 @@ struct Pending {
 
 /// BAT entries per 4 KiB sector of the BAT.
 const ENTRIES_PER_SECTOR: u64 = 512;
+/// Bytes of a log sector (and of a BAT sector).
+const LOG_SECTOR: u64 = 4096;
 /// Dirty BAT sectors kept before writing them out.
 const MAX_DIRTY: usize = 256;
 
@@ -56,6 +60,10 @@ pub(super) struct VhdxWriter {
     dirty: BTreeSet<u64>,
     /// the file must be at least this long (published blocks)
     file_end: u64,
+    /// BAT indexes of blocks published since the BAT was last written, in order
+    published: Vec<u64>,
+    /// next log sector to write
+    log_pos: u64,
     next_ticket: u64,
 }
 
@@ -81,6 +89,8 @@ impl VhdxWriter {
             zero_in: HashMap::new(),
             dirty: BTreeSet::new(),
             file_end: len,
+            published: Vec::new(),
+            log_pos: 0,
             next_ticket: 0,
         })
     }
@@ -113,10 +123,29 @@ impl VhdxWriter {
         }
         bat.entries[i as usize] = entry;
         self.dirty.insert(i / ENTRIES_PER_SECTOR);
+        self.published.push(i);
         Ok(())
     }
 
-    /// Write dirty BAT sectors, after extending the file over every published block.
+    /// The 4 KiB BAT sector `s` as it is in memory.
+    fn bat_sector(&self, s: u64) -> Result<Vec<u8>> {
+        let bat = self.bat_lock()?;
+        let mut raw = Vec::with_capacity(4096);
+        for i in s * ENTRIES_PER_SECTOR..(s + 1) * ENTRIES_PER_SECTOR {
+            let e = if i < self.geo.bat_entries {
+                bat.get(i)
+            } else {
+                0
+            };
+            raw.extend_from_slice(&e.to_le_bytes());
+        }
+        Ok(raw)
+    }
+
+    /// Publish the BAT changes: after extending the file over every published block, each
+    /// new block's BAT sector goes through the log first (one entry per block, as QEMU
+    /// writes them), then to the BAT, then the log is marked empty again. A crash in
+    /// between leaves a log that the next read-write open replays.
     fn write_bat(&mut self) -> Result<()> {
         if self.dirty.is_empty() {
             return Ok(());
@@ -125,16 +154,53 @@ impl VhdxWriter {
             self.file.set_len(self.file_end)?;
         }
         let dirty = std::mem::take(&mut self.dirty);
-        let bat = self.bat.read().map_err(|_| self.poisoned())?;
-        for s in dirty {
-            let first = s * ENTRIES_PER_SECTOR;
-            let n = ENTRIES_PER_SECTOR.min(self.geo.bat_entries.saturating_sub(first));
-            let mut raw = Vec::with_capacity(n as usize * 8);
-            for i in first..first + n {
-                raw.extend_from_slice(&bat.get(i).to_le_bytes());
+        let mut events = std::mem::take(&mut self.published);
+        // Sectors changed without a new block (none today) still go through the log.
+        for s in &dirty {
+            if !events.iter().any(|i| i / ENTRIES_PER_SECTOR == *s) {
+                events.push(s * ENTRIES_PER_SECTOR);
             }
-            self.file
-                .write_all_at(&raw, self.geo.bat_offset + first * 8, "vhdx BAT")?;
+        }
+        let h = self.headers.cur().clone();
+        let log_sectors = u64::from(h.log_length) / LOG_SECTOR;
+        // A sequence must fit in the log with room to spare.
+        let per_batch = (log_sectors / 2).saturating_sub(1).max(1) as usize;
+        for batch in events.chunks(per_batch) {
+            let guid = new_guid();
+            self.headers
+                .update_both(&self.file, self.session, None, Some(guid))?;
+            let file_len = self.file.len()?;
+            let mut sectors = BTreeSet::new();
+            for (k, i) in batch.iter().enumerate() {
+                let s = i / ENTRIES_PER_SECTOR;
+                sectors.insert(s);
+                let data = self.bat_sector(s)?;
+                let entry = log::build_entry(
+                    &guid,
+                    k as u64 + 1,
+                    file_len,
+                    &[(self.geo.bat_offset + s * LOG_SECTOR, data)],
+                );
+                let n = entry.len() as u64 / LOG_SECTOR;
+                if self.log_pos + n > log_sectors {
+                    self.log_pos = 0;
+                }
+                self.file.write_all_at(
+                    &entry,
+                    h.log_offset + self.log_pos * LOG_SECTOR,
+                    "vhdx log",
+                )?;
+                self.log_pos += n;
+            }
+            self.file.sync()?;
+            for s in sectors {
+                let data = self.bat_sector(s)?;
+                self.file
+                    .write_all_at(&data, self.geo.bat_offset + s * LOG_SECTOR, "vhdx BAT")?;
+            }
+            self.file.sync()?;
+            self.headers
+                .update_both(&self.file, self.session, None, Some([0; 16]))?;
         }
         Ok(())
     }
