@@ -191,6 +191,31 @@ fn vhdx_read_matrix() {
             c.check(cmp.ok(), || format!("compare\n{}", cmp.describe()));
         }
     }
+    // A qcow2 overlay over a vhdx: the vhdx layer shows as data with no offset.
+    let ov = [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "dyn-data.vhdx",
+        "-F",
+        "vhdx",
+        "ov.qcow2",
+    ];
+    t.s.qemu(&ov).assert_ok();
+    Cmd::new(QEMU_IO, "qemu-io", t.s.path())
+        .args(&["-f", "qcow2", "-c", "write -P 0x77 2M 64k", "ov.qcow2"])
+        .run()
+        .assert_ok();
+    for args in [
+        vec!["map", "--output=json", "../s/ov.qcow2"],
+        vec!["info", "--backing-chain", "../s/ov.qcow2"],
+    ] {
+        c.same(&t.run(&args));
+    }
+    c.same(&t.run(&["convert", "-O", "raw", "../s/ov.qcow2", "ov.raw"]));
+    c.result(files_equal(&t.q.join("ov.raw"), &t.r.join("ov.raw")));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -242,6 +242,24 @@ fn collect(chain: &Chain, start: u64, end: u64) -> Result<Vec<Entry>> {
         .iter()
         .map(|l| l.image.opaque_allocation())
         .collect();
+    if opaque[0] {
+        // The top layer answers for everything; QEMU never looks at its tables here.
+        return Ok(if start < end {
+            vec![Entry {
+                start,
+                length: end - start,
+                depth: 0,
+                present: true,
+                zero: false,
+                data: true,
+                compressed: false,
+                offset: None,
+                file: (0, 0),
+            }]
+        } else {
+            Vec::new()
+        });
+    }
     let mut entries: Vec<Entry> = Vec::new();
     let mut off = start;
     let mut exts = Vec::new();
