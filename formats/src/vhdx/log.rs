@@ -19,6 +19,10 @@ const LOGE_SIG: u32 = 0x6567_6f6c; // "loge"
 const DESC_SIG: u32 = 0x6373_6564; // "desc"
 const ZERO_SIG: u32 = 0x6f72_657a; // "zero"
 const DATA_SIG: u32 = 0x6174_6164; // "data"
+/// Longest log entry read into memory. Real entries are a few sectors (QEMU writes two,
+/// Hyper-V's log is 1 MiB); a longer one is treated as invalid rather than trusted with
+/// memory.
+const MAX_ENTRY: u64 = 64 << 20;
 
 /// One descriptor of a log entry, with its data when it is a data descriptor.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,6 +99,7 @@ impl<'a> Log<'a> {
         let seq = le64(&first, 16);
         let desc_count = u64::from(le32(&first, 24));
         if entry_length > self.length
+            || entry_length > MAX_ENTRY
             || !entry_length.is_multiple_of(SECTOR)
             || seq == 0
             || guid_at(&first, 32) != self.guid

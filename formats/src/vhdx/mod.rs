@@ -542,6 +542,63 @@ mod tests {
     use super::header::MIB;
     use super::*;
 
+    /// Create a 24 MiB dynamic image with 8 MiB blocks, set the BAT entries, map it all.
+    fn map_with_bat(entries: &[u64], file_len: u64) -> Vec<Extent> {
+        use crate::file::FileOpen;
+        use crate::opts::OptionMap;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.vhdx").to_str().unwrap().to_string();
+        let spec = CreateSpec {
+            path: p.clone(),
+            size: 24 * MIB,
+            options: OptionMap::parse("block_state_zero=off"),
+        };
+        VHDX.create(&spec).unwrap();
+        let f = FileLayer::open(&p, &FileOpen::create()).unwrap();
+        let mut raw = Vec::new();
+        for e in entries {
+            raw.extend_from_slice(&e.to_le_bytes());
+        }
+        f.write_all_at(&raw, 2 * MIB, "test BAT").unwrap();
+        f.set_len(file_len).unwrap();
+        drop(f);
+        let f = Arc::new(FileLayer::open(&p, &FileOpen::read_only()).unwrap());
+        let opts = OpenOptions {
+            check: true,
+            ..Default::default()
+        };
+        let img = VHDX.open(f, &opts).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(img.map(GuestOff(0), u64::MAX, &mut out).unwrap(), 24 * MIB);
+        out
+    }
+
+    #[test]
+    fn block_states_map_to_extents() {
+        let present = |mb: u64| (mb * MIB) | state::FULLY_PRESENT;
+        // Block 0 zero, block 1 present at 8 MiB, block 2 unmapped.
+        let out = map_with_bat(&[state::ZERO, present(8), state::UNMAPPED], 16 * MIB);
+        let zero = |len| Extent::Zero {
+            len,
+            explicit: true,
+            at: None,
+        };
+        let data = Extent::Data {
+            file: FileId(0),
+            host: HostOff(8 * MIB),
+            len: 8 * MIB,
+        };
+        assert_eq!(out, vec![zero(8 * MIB), data, zero(8 * MIB)]);
+        // A present block cut short by the end of the file reads as zeros past it.
+        let out = map_with_bat(&[present(8), 0, state::UNDEFINED], 12 * MIB);
+        let data = Extent::Data {
+            file: FileId(0),
+            host: HostOff(8 * MIB),
+            len: 4 * MIB,
+        };
+        assert_eq!(out, vec![data, zero(20 * MIB)]);
+    }
+
     #[test]
     fn bat_entries_like_qemu() {
         // 64 MiB with 8 MiB blocks: 8 payload entries, no bitmap entry needed in between.
