@@ -358,7 +358,7 @@ fn vhdx_convert_into_vhdx() {
 }
 
 /// `convert -n` into vhdx images qemu-img created (fixed blocks written in place, ZERO blocks
-/// allocated), then qemu-io reads back what was written.
+/// allocated), and qemu-io writes into images rimg created: both compare equal to the source.
 #[test]
 fn vhdx_convert_into_existing_images() {
     let d = TestDir::new();
@@ -388,6 +388,28 @@ fn vhdx_convert_into_existing_images() {
         let chk = d.qemu(&["check", "t.vhdx"]);
         c.check(chk.ok(), || format!("check ({opts})\n{}", chk.describe()));
         let cmp = d.qemu(&["compare", "-f", "raw", "src.raw", "t.vhdx"]);
+        c.check(cmp.ok(), || format!("compare ({opts})\n{}", cmp.describe()));
+        // And the other way round: qemu-io writes into an image rimg created.
+        let _ = std::fs::remove_file(d.join("u.vhdx"));
+        let r = d.rimg(&[
+            "create",
+            "-q",
+            "-f",
+            "vhdx",
+            "-o",
+            opts,
+            "u.vhdx",
+            &SIZE.to_string(),
+        ]);
+        c.check(r.ok(), || format!("create ({opts})\n{}", r.describe()));
+        let cmds: Vec<String> = writes()
+            .iter()
+            .map(|(p, o, l)| format!("write -P {p:#x} {o} {l}"))
+            .collect();
+        qemu_io(&d, "u.vhdx", &cmds);
+        let chk = d.qemu(&["check", "u.vhdx"]);
+        c.check(chk.ok(), || format!("check ({opts})\n{}", chk.describe()));
+        let cmp = d.qemu(&["compare", "-f", "raw", "src.raw", "u.vhdx"]);
         c.check(cmp.ok(), || format!("compare ({opts})\n{}", cmp.describe()));
     }
 }
@@ -477,11 +499,12 @@ fn vhdx_damaged_inputs() {
     let t = Twin::new();
     let mut c = Checks::new();
     let base = "base.vhdx";
-    make_image(&t.s, base, "", 16 * M, false);
+    // Small: 1 MiB blocks at 8 MiB (block 0) and 9 MiB (block 2) of a 10 MiB file.
+    make_image(&t.s, base, "block_size=1M", 4 * M, false);
     qemu_io(
         &t.s,
         base,
-        &["write -P 1 0 64k".into(), "write -P 2 8M 64k".into()],
+        &["write -P 1 0 64k".into(), "write -P 2 2M 64k".into()],
     );
     let src = std::fs::read(t.s.join(base)).unwrap();
     let mut cases: Vec<(&str, Vec<u8>)> = vec![
@@ -501,8 +524,8 @@ fn vhdx_damaged_inputs() {
     cases.push(("bad-headers", both));
     cases.push(("bad-region", flip(192 * 1024 + 100)));
     cases.push(("bad-metadata", flip(3 * M as usize)));
-    cases.push(("bat-end-past-eof", src[..(8 * M + 4 * K) as usize].to_vec()));
-    cases.push(("bat-past-eof", src[..(16 * M + 4 * K) as usize].to_vec()));
+    cases.push(("bat-past-eof", src[..(8 * M + 4 * K) as usize].to_vec()));
+    cases.push(("bat-end-past-eof", src[..(9 * M + 4 * K) as usize].to_vec()));
     for (name, bytes) in &cases {
         t.each(|d| std::fs::write(d.join(&format!("{name}.vhdx")), bytes).unwrap());
     }
@@ -525,6 +548,29 @@ fn vhdx_damaged_inputs() {
             patch(d, &f, off, bytes);
         });
     }
+    // A differencing image: has_parent with a parent locator (QEMU reads none).
+    t.each(|d| {
+        let f = "differencing.vhdx";
+        std::fs::write(d.join(f), &src).unwrap();
+        let md = 3 * M;
+        let n = u16::from_le_bytes(read_at(d, f, md + 10, 2).try_into().unwrap());
+        let mut e = Vec::new();
+        e.extend_from_slice(&0xa8d3_5f2du32.to_le_bytes());
+        e.extend_from_slice(&0xb30bu16.to_le_bytes());
+        e.extend_from_slice(&0x454du16.to_le_bytes());
+        e.extend_from_slice(&[0xab, 0xf7, 0xd3, 0xd8, 0x48, 0x34, 0xab, 0x0c]);
+        for v in [64 * 1024 + 40u32, 24, 6, 0] {
+            e.extend_from_slice(&v.to_le_bytes());
+        }
+        patch(d, f, md + 32 + 32 * u64::from(n), &e);
+        patch(d, f, md + 10, &(n + 1).to_le_bytes());
+        patch(
+            d,
+            f,
+            metadata_item(d, f, FILE_PARAMS) + 4,
+            &2u32.to_le_bytes(),
+        );
+    });
     // A log whose entry needs a longer file than there is (flushed file offset past EOF).
     t.each(|d| {
         std::fs::write(d.join("log-past-eof.vhdx"), &src).unwrap();
@@ -542,7 +588,7 @@ fn vhdx_damaged_inputs() {
         .iter()
         .map(|(n, _)| n.to_string())
         .chain(patched.iter().map(|(n, _, _)| n.to_string()))
-        .chain(["log-past-eof".to_string()])
+        .chain(["log-past-eof".to_string(), "differencing".to_string()])
         .collect();
     for name in &names {
         let f = format!("{name}.vhdx");
