@@ -15,12 +15,15 @@
 //! - QEMU reports no allocation status for vhdx: `map` shows the whole disk as data with no
 //!   offset ([`Image::opaque_allocation`]).
 
+pub mod bat;
 mod create;
 pub mod header;
 pub mod log;
 mod write;
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex};
+
+use bat::Bat;
 
 use crate::driver::{Action, CreateSpec, FormatDriver, Image, ImageWriter, OpenOptions};
 use crate::error::{Error, Result};
@@ -122,25 +125,11 @@ pub fn bat_entries(size: u64, block_size: u64, chunk_ratio: u64) -> u64 {
     u64::from(data_blocks.wrapping_add(data_blocks.wrapping_sub(1) >> bits))
 }
 
-/// The BAT in memory. Entries past the end of the file read as zero (not present).
-#[derive(Debug, Default)]
-pub struct Bat {
-    /// entries, as stored
-    pub entries: Vec<u64>,
-}
-
-impl Bat {
-    /// Entry `i` (0 past the stored part).
-    pub fn get(&self, i: u64) -> u64 {
-        self.entries.get(i as usize).copied().unwrap_or(0)
-    }
-}
-
 /// An open vhdx image.
 pub struct VhdxImage {
     files: [Arc<FileLayer>; 1],
     geo: Geometry,
-    bat: Arc<RwLock<Bat>>,
+    bat: Arc<Mutex<Bat>>,
     headers: Headers,
     /// the log was replayed when the image was opened (read-write)
     replayed: bool,
@@ -273,18 +262,11 @@ impl VhdxImage {
         if geo.bat_entries > u64::from(bat_rt.length) / 8 {
             return Err(einval(&path));
         }
-        // Read the part of the BAT the file holds; the rest reads as not present.
-        let file_len = file.len()?;
-        let stored = geo
-            .bat_entries
-            .min(file_len.saturating_sub(geo.bat_offset) / 8);
-        let mut raw = vec![0u8; (stored * 8) as usize];
-        file.read_exact_at(&mut raw, geo.bat_offset, "vhdx BAT")?;
-        let entries: Vec<u64> = raw.chunks_exact(8).map(|c| header::le64(c, 0)).collect();
+        let bat = Bat::new(file.clone(), geo.bat_offset, geo.bat_entries)?;
         let img = VhdxImage {
             files: [file],
             geo,
-            bat: Arc::new(RwLock::new(Bat { entries })),
+            bat: Arc::new(Mutex::new(bat)),
             headers,
             replayed,
             write: opts.write(),
@@ -301,51 +283,56 @@ impl VhdxImage {
     /// count; unless `all`, the first problem ends the check (as on open).
     fn check_bat(&self, all: bool) -> Result<u64> {
         let file_len = self.files[0].len()?;
-        let bat = self.bat.read().map_err(|_| einval(self.files[0].path()))?;
+        let mut bat = self.bat.lock().map_err(|_| einval(self.files[0].path()))?;
         let bs = self.geo.block_size;
         let total = self.geo.size / 512 * 512;
         let mut errors = 0;
         let mut payblocks = self.geo.chunk_ratio;
-        for i in 0..self.geo.bat_entries {
-            let e = bat.get(i);
-            if e & 7 != state::FULLY_PRESENT {
-                continue;
-            }
-            let off = e & BAT_OFFSET_MASK;
-            // QEMU measures the last block from the BAT index (bitmap entries included).
-            let block_length = bs.min(total.wrapping_sub(i.wrapping_mul(bs)));
-            if off > i64::MAX as u64 - bs {
-                error_report(&format!("VHDX BAT entry {i} offset overflow."));
-                errors += 1;
-            }
-            if off >= file_len {
-                error_report(&format!(
-                    "VHDX BAT entry {i} start offset {off} points after end of file ({file_len}). Image has probably been truncated."
-                ));
-                errors += 1;
-            } else if off + block_length > file_len {
-                error_report(&format!(
-                    "VHDX BAT entry {i} end offset {} points after end of file ({file_len}). Image has probably been truncated.",
-                    off + block_length - 1
-                ));
-                errors += 1;
-            }
-            if payblocks > 0 {
-                payblocks -= 1;
-                let end = off.saturating_add(bs);
-                if let Some((s, e)) = self.regions.iter().find(|(s, e)| !(off >= *e || end <= *s)) {
+        let regions = &self.regions;
+        let chunk_ratio = self.geo.chunk_ratio;
+        bat.for_each_chunk(|first, entries| {
+            for (k, &e) in entries.iter().enumerate() {
+                if e & 7 != state::FULLY_PRESENT {
+                    continue;
+                }
+                let i = first + k as u64;
+                let off = e & BAT_OFFSET_MASK;
+                // QEMU measures the last block from the BAT index (bitmap entries included).
+                let block_length = bs.min(total.wrapping_sub(i.wrapping_mul(bs)));
+                if off > i64::MAX as u64 - bs {
+                    error_report(&format!("VHDX BAT entry {i} offset overflow."));
+                    errors += 1;
+                }
+                if off >= file_len {
                     error_report(&format!(
-                        "VHDX region {off}-{end} overlaps with region {s}-{e}"
+                        "VHDX BAT entry {i} start offset {off} points after end of file ({file_len}). Image has probably been truncated."
+                    ));
+                    errors += 1;
+                } else if off + block_length > file_len {
+                    error_report(&format!(
+                        "VHDX BAT entry {i} end offset {} points after end of file ({file_len}). Image has probably been truncated.",
+                        off + block_length - 1
                     ));
                     errors += 1;
                 }
-            } else {
-                payblocks = self.geo.chunk_ratio;
+                if payblocks > 0 {
+                    payblocks -= 1;
+                    let end = off.saturating_add(bs);
+                    if let Some((s, e)) = regions.iter().find(|(s, e)| !(off >= *e || end <= *s)) {
+                        error_report(&format!(
+                            "VHDX region {off}-{end} overlaps with region {s}-{e}"
+                        ));
+                        errors += 1;
+                    }
+                } else {
+                    payblocks = chunk_ratio;
+                }
+                if errors > 0 && !all {
+                    return false;
+                }
             }
-            if errors > 0 && !all {
-                break;
-            }
-        }
+            true
+        })?;
         Ok(errors)
     }
 }
@@ -453,13 +440,13 @@ impl Image for VhdxImage {
         let end = off.0.saturating_add(len).min(size);
         let bs = self.geo.block_size;
         let file_len = self.files[0].len()?;
-        let bat = self.bat.read().map_err(|_| einval(self.files[0].path()))?;
+        let mut bat = self.bat.lock().map_err(|_| einval(self.files[0].path()))?;
         let mut pos = off.0;
         while pos < end {
             let block = pos / bs;
             let in_block = pos % bs;
             let n = (bs - in_block).min(end - pos);
-            let e = bat.get(self.geo.bat_index(block));
+            let e = bat.get(self.geo.bat_index(block))?;
             match e & 7 {
                 state::NOT_PRESENT
                 | state::UNDEFINED

@@ -14,10 +14,11 @@
 //! marked empty.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex};
 
+use super::bat::Bat;
 use super::header::{new_guid, Guid, Headers, MIB};
-use super::{log, state, Bat, Geometry, BAT_OFFSET_MASK};
+use super::{log, state, Geometry, BAT_OFFSET_MASK};
 use crate::driver::{Action, ImageWriter, Placement, Preallocation, Ticket};
 use crate::error::{Error, Result};
 use crate::file::FileLayer;
@@ -43,7 +44,7 @@ const MAX_DIRTY: usize = 256;
 pub(super) struct VhdxWriter {
     file: Arc<FileLayer>,
     geo: Geometry,
-    bat: Arc<RwLock<Bat>>,
+    bat: Arc<Mutex<Bat>>,
     headers: Headers,
     session: Guid,
     headers_updated: bool,
@@ -71,7 +72,7 @@ impl VhdxWriter {
     pub(super) fn new(
         file: Arc<FileLayer>,
         geo: Geometry,
-        bat: Arc<RwLock<Bat>>,
+        bat: Arc<Mutex<Bat>>,
         headers: Headers,
     ) -> Result<VhdxWriter> {
         let len = file.len()?;
@@ -95,8 +96,8 @@ impl VhdxWriter {
         })
     }
 
-    fn bat_lock(&self) -> Result<std::sync::RwLockReadGuard<'_, Bat>> {
-        self.bat.read().map_err(|_| self.poisoned())
+    fn bat_lock(&self) -> Result<std::sync::MutexGuard<'_, Bat>> {
+        self.bat.lock().map_err(|_| self.poisoned())
     }
 
     fn poisoned(&self) -> Error {
@@ -111,17 +112,13 @@ impl VhdxWriter {
         if let Some(p) = self.pending.get(&b) {
             return Ok(Some(p.host));
         }
-        let e = self.bat_lock()?.get(self.geo.bat_index(b));
+        let e = self.bat_lock()?.get(self.geo.bat_index(b))?;
         Ok((e & 7 == state::FULLY_PRESENT).then_some(e & BAT_OFFSET_MASK))
     }
 
     fn set_entry(&mut self, b: u64, entry: u64) -> Result<()> {
         let i = self.geo.bat_index(b);
-        let mut bat = self.bat.write().map_err(|_| self.poisoned())?;
-        if bat.entries.len() <= i as usize {
-            bat.entries.resize(i as usize + 1, 0);
-        }
-        bat.entries[i as usize] = entry;
+        self.bat_lock()?.set(i, entry)?;
         self.dirty.insert(i / ENTRIES_PER_SECTOR);
         self.published.push(i);
         Ok(())
@@ -129,14 +126,10 @@ impl VhdxWriter {
 
     /// The 4 KiB BAT sector `s` as it is in memory.
     fn bat_sector(&self, s: u64) -> Result<Vec<u8>> {
-        let bat = self.bat_lock()?;
+        let mut bat = self.bat_lock()?;
         let mut raw = Vec::with_capacity(4096);
         for i in s * ENTRIES_PER_SECTOR..(s + 1) * ENTRIES_PER_SECTOR {
-            let e = if i < self.geo.bat_entries {
-                bat.get(i)
-            } else {
-                0
-            };
+            let e = bat.get(i)?;
             raw.extend_from_slice(&e.to_le_bytes());
         }
         Ok(raw)
