@@ -548,6 +548,33 @@ fn vhdx_damaged_inputs() {
             patch(d, &f, off, bytes);
         });
     }
+    // Header rules: equal sequence numbers with different contents; a log far past the end
+    // of the file (a non-zero log GUID, nothing there to replay); a BAT with every block
+    // state QEMU reads as zeros.
+    t.each(|d| {
+        let f = "equal-seq.vhdx";
+        std::fs::write(d.join(f), &src).unwrap();
+        let h = current_header(d, f);
+        let other = if h == 64 * K { 128 * K } else { 64 * K };
+        patch(d, f, other + 8, &read_at(d, f, h + 8, 8));
+        patch(d, f, other + 16, &[0x5a; 16]);
+        fix_checksum(d, f, other, 4096);
+        let f = "log-far-away.vhdx";
+        std::fs::write(d.join(f), &src).unwrap();
+        let h = current_header(d, f);
+        patch(d, f, h + 48, &[0x11; 16]);
+        patch(d, f, h + 72, &(1u64 << 40).to_le_bytes());
+        fix_checksum(d, f, h, 4096);
+        let f = "zero-states.vhdx";
+        std::fs::write(d.join(f), &src).unwrap();
+        // Blocks 0 and 2 hold data (1 MiB blocks at 8 and 9 MiB); 1 and 3 are ZERO.
+        let bat = 2 * M;
+        let e = |mb: u64, st: u64| ((mb * M) | st).to_le_bytes();
+        patch(d, f, bat, &e(8, 1));
+        patch(d, f, bat + 8, &e(0, 3));
+        patch(d, f, bat + 16, &e(9, 5));
+        patch(d, f, bat + 24, &e(0, 0));
+    });
     // A differencing image: has_parent with a parent locator (QEMU reads none).
     t.each(|d| {
         let f = "differencing.vhdx";
@@ -588,7 +615,16 @@ fn vhdx_damaged_inputs() {
         .iter()
         .map(|(n, _)| n.to_string())
         .chain(patched.iter().map(|(n, _, _)| n.to_string()))
-        .chain(["log-past-eof".to_string(), "differencing".to_string()])
+        .chain(
+            [
+                "log-past-eof",
+                "differencing",
+                "equal-seq",
+                "log-far-away",
+                "zero-states",
+            ]
+            .map(String::from),
+        )
         .collect();
     for name in &names {
         let f = format!("{name}.vhdx");
@@ -609,6 +645,9 @@ fn vhdx_damaged_inputs() {
             c.check(p.rimg.ok() || lines >= 1, || {
                 format!("no error\n{}", p.rimg.describe())
             });
+            if args[0] == "convert" && p.both_ok() {
+                c.result(files_equal(&t.q.join("out.raw"), &t.r.join("out.raw")));
+            }
         }
         for d in [&t.q, &t.r] {
             let _ = std::fs::remove_file(d.join("out.raw"));
