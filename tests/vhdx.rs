@@ -653,6 +653,30 @@ fn vhdx_damaged_inputs() {
             let _ = std::fs::remove_file(d.join("out.raw"));
         }
     }
+    // Sizes QEMU counts in 32 bits (a short BAT) or cannot count in sectors, and a BAT
+    // offset that overflows: info and check only (a convert would make a huge file).
+    t.each(|d| {
+        for (f, byte7) in [("huge.vhdx", 1u8), ("too-large.vhdx", 128)] {
+            std::fs::write(d.join(f), &src).unwrap();
+            let vs = metadata_item(d, f, FILE_PARAMS) + 8;
+            patch(d, f, vs + 7, &[byte7]);
+        }
+        std::fs::write(d.join("bat-overflow.vhdx"), &src).unwrap();
+        patch(d, "bat-overflow.vhdx", 2 * M + 7, &[0x80]);
+    });
+    for f in ["huge.vhdx", "too-large.vhdx", "bat-overflow.vhdx"] {
+        let before = t.states(&[f]);
+        for args in [
+            vec!["info", f],
+            vec!["check", f],
+            vec!["check", "--output=json", f],
+        ] {
+            let p = t.run(&args);
+            c.no_panic(&p.rimg);
+            c.same(&p);
+            c.result(t.files_after(&p, &[f], &before));
+        }
+    }
     // Replaying that log is refused before anything is written.
     let r = t.r.rimg(&["check", "-r", "all", "log-past-eof.vhdx"]);
     c.no_panic(&r);

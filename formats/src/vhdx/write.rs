@@ -250,6 +250,11 @@ impl ImageWriter for VhdxWriter {
                 p.host
             } else if let Some(h) = self.host_of(b)? {
                 h
+            } else if self.geo.bat_index(b) >= self.geo.bat_entries {
+                return Err(Error::Corrupt {
+                    path: self.file.path().to_string(),
+                    what: format!("vhdx: the BAT has no entry for block {b}"),
+                });
             } else {
                 let host = match self.free.pop_first() {
                     Some(h) => h,
