@@ -56,6 +56,8 @@ pub struct Entry {
     pub writes: Vec<Write>,
     /// sectors the entry spans
     sectors: u64,
+    /// every data sector carries the entry's sequence number
+    data_ok: bool,
 }
 
 /// The log region of a file.
@@ -118,46 +120,51 @@ impl<'a> Log<'a> {
         for k in 1..sectors {
             whole.extend_from_slice(&self.sector(start + k)?);
         }
+        // QEMU reads the descriptors of an entry whose header is valid before it checks the
+        // checksum, and a bad descriptor there fails the whole open.
+        for d in 0..desc_count {
+            let o = (64 + 32 * d) as usize;
+            let sig = le32(&whole, o);
+            let ok = le64(&whole, o + 24) == seq
+                && le64(&whole, o + 16).is_multiple_of(SECTOR)
+                && (sig == DESC_SIG
+                    || (sig == ZERO_SIG && le64(&whole, o + 8).is_multiple_of(SECTOR)));
+            if !ok {
+                return Err(super::einval(self.file.path()));
+            }
+        }
         if !super::header::checksum_ok(&whole, 4) {
             return Ok(None);
         }
         let mut writes = Vec::new();
+        let mut data_ok = true;
         let mut data_sector = desc_sectors;
         for d in 0..desc_count {
             let o = (64 + 32 * d) as usize;
-            let sig = le32(&whole, o);
             let file_off = le64(&whole, o + 16);
-            if le64(&whole, o + 24) != seq || !file_off.is_multiple_of(SECTOR) {
-                return Ok(None);
-            }
-            if sig == ZERO_SIG {
+            if le32(&whole, o) == ZERO_SIG {
                 let len = le64(&whole, o + 8);
-                if !len.is_multiple_of(SECTOR) {
-                    return Ok(None);
-                }
                 writes.push(Write::Zero { off: file_off, len });
-            } else if sig == DESC_SIG {
-                if data_sector >= sectors {
-                    return Ok(None);
-                }
-                let s = (data_sector * SECTOR) as usize;
-                let ds = &whole[s..s + SECTOR as usize];
-                let dseq = (u64::from(le32(ds, 4)) << 32) | u64::from(le32(ds, 4092));
-                if le32(ds, 0) != DATA_SIG || dseq != seq {
-                    return Ok(None);
-                }
-                let mut data = Vec::with_capacity(SECTOR as usize);
-                data.extend_from_slice(&whole[o + 8..o + 16]);
-                data.extend_from_slice(&ds[8..4092]);
-                data.extend_from_slice(&whole[o + 4..o + 8]);
-                writes.push(Write::Data {
-                    off: file_off,
-                    data,
-                });
-                data_sector += 1;
-            } else {
+                continue;
+            }
+            if data_sector >= sectors {
                 return Ok(None);
             }
+            let s = (data_sector * SECTOR) as usize;
+            let ds = &whole[s..s + SECTOR as usize];
+            // The data sector's sequence number is only compared when replaying (QEMU
+            // fails the replay then); its signature is not looked at.
+            let dseq = (u64::from(le32(ds, 4)) << 32) | u64::from(le32(ds, 4092));
+            data_ok &= dseq == seq;
+            let mut data = Vec::with_capacity(SECTOR as usize);
+            data.extend_from_slice(&whole[o + 8..o + 16]);
+            data.extend_from_slice(&ds[8..4092]);
+            data.extend_from_slice(&whole[o + 4..o + 8]);
+            writes.push(Write::Data {
+                off: file_off,
+                data,
+            });
+            data_sector += 1;
         }
         Ok(Some(Entry {
             seq,
@@ -165,6 +172,7 @@ impl<'a> Log<'a> {
             last_file_offset: le64(&first, 56),
             writes,
             sectors,
+            data_ok,
         }))
     }
 
@@ -224,55 +232,79 @@ pub fn log_present(
     Ok(true)
 }
 
-/// Check that `entries` can be replayed: an entry needing a longer file than there is, or
-/// writing past where the file may grow, refuses the whole replay (before anything is
-/// written).
+/// Check that `entries` can be replayed as QEMU checks them: an entry needing a longer
+/// file than there is, or with a data sector of another sequence, refuses the whole
+/// replay (before anything is written here; QEMU finds out part way).
 pub fn validate(file: &FileLayer, entries: &[Entry]) -> Result<()> {
     let len = file.len()?;
-    let path = file.path();
-    let mut limit = len;
     for e in entries {
-        if e.flushed_file_offset > len {
-            return Err(super::einval(path));
+        if e.flushed_file_offset > len || !e.data_ok {
+            return Err(super::einval(file.path()));
         }
-        limit = limit.max(e.last_file_offset.div_ceil(MIB).saturating_mul(MIB));
-    }
-    for e in entries {
         for w in &e.writes {
             let end = match w {
                 Write::Data { off, .. } => off.checked_add(SECTOR),
                 Write::Zero { off, len } => off.checked_add(*len),
             };
-            if end.is_none_or(|end| end > limit) {
-                return Err(super::einval(path));
+            if end.is_none_or(|end| end > i64::MAX as u64) {
+                // QEMU's block layer refuses such a request.
+                return Err(open_error(
+                    file,
+                    std::io::Error::from_raw_os_error(libc::EIO),
+                ));
             }
         }
     }
     Ok(())
 }
 
-/// Replay `entries` on disk, in order (after [`validate`]).
+/// `Could not open 'x': <why>`, as QEMU reports an open whose replay failed.
+fn open_error(file: &FileLayer, e: std::io::Error) -> crate::error::Error {
+    let path = file.path();
+    crate::error::Error::Corrupt {
+        path: path.to_string(),
+        what: format!("Could not open '{path}': {}", crate::error::strerror(&e)),
+    }
+}
+
+/// Replay `entries` on disk, in order (after [`validate`]). Zeros past the end of the file
+/// are made by growing the file, which reads as zeros there. A failed write is reported
+/// as QEMU reports it (`Could not open 'x': File too large`).
 pub fn replay(file: &FileLayer, entries: &[Entry]) -> Result<()> {
     validate(file, entries)?;
+    replay_writes(file, entries).map_err(|e| match e {
+        crate::error::Error::Io { source, .. } => open_error(file, source),
+        other => other,
+    })
+}
+
+fn replay_writes(file: &FileLayer, entries: &[Entry]) -> Result<()> {
     for e in entries {
         for w in &e.writes {
             match w {
                 Write::Data { off, data } => file.write_all_at(data, *off, "vhdx log replay")?,
                 Write::Zero { off, len } => {
-                    let zeros = vec![0u8; (*len).min(MIB) as usize];
+                    let cur = file.len()?;
+                    let end = off + len;
+                    let inside = end.min(cur).saturating_sub(*off);
+                    let zeros = vec![0u8; inside.min(MIB) as usize];
                     let mut done = 0;
-                    while done < *len {
-                        let n = (*len - done).min(MIB);
+                    while done < inside {
+                        let n = (inside - done).min(MIB);
                         file.write_all_at(&zeros[..n as usize], off + done, "vhdx log replay")?;
                         done += n;
+                    }
+                    if end > cur {
+                        file.set_len(end)?;
                     }
                 }
             }
         }
-        // QEMU grows the file to the entry's last offset, rounded to 1 MiB.
+        // QEMU grows the file to the entry's last offset rounded up to 1 MiB, when that
+        // offset is not already a multiple of 1 MiB, and ignores a failure to.
         let cur = file.len()?;
         if cur < e.last_file_offset && !e.last_file_offset.is_multiple_of(MIB) {
-            file.set_len(e.last_file_offset.div_ceil(MIB) * MIB)?;
+            let _ = file.set_len(e.last_file_offset.div_ceil(MIB) * MIB);
         }
     }
     file.sync()
