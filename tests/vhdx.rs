@@ -178,6 +178,7 @@ fn vhdx_read_matrix() {
                 vec!["check", src.as_str()],
                 vec!["check", "--output=json", src.as_str()],
                 vec!["compare", "-f", "vhdx", src.as_str(), src.as_str()],
+                vec!["measure", "-O", "qcow2", src.as_str()],
             ] {
                 c.same(&t.run(&args));
             }
