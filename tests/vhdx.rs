@@ -185,6 +185,7 @@ fn vhdx_read_matrix() {
             let p = t.run(&["convert", "-O", "raw", src.as_str(), "out.raw"]);
             c.same(&p);
             c.result(files_equal(&t.q.join("out.raw"), &t.r.join("out.raw")));
+            c.same(&t.run(&["compare", "-s", src.as_str(), "out.raw"]));
             // Into qcow2 too (the engine's zero detection over vhdx extents).
             let p = t.run(&["convert", "-O", "qcow2", src.as_str(), "out.qcow2"]);
             c.same(&p);
@@ -212,6 +213,9 @@ fn vhdx_read_matrix() {
     for args in [
         vec!["map", "--output=json", "../s/ov.qcow2"],
         vec!["info", "--backing-chain", "../s/ov.qcow2"],
+        vec!["compare", "-s", "../s/ov.qcow2", "../s/dyn-data.vhdx"],
+        vec!["compare", "-s", "../s/dyn-data.vhdx", "../s/b1m-data.vhdx"],
+        vec!["measure", "-O", "qcow2", "../s/ov.qcow2"],
     ] {
         c.same(&t.run(&args));
     }
