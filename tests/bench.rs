@@ -58,6 +58,33 @@ fn bench_matches_qemu() {
             "8",
             "img",
         ],
+        &[
+            "bench",
+            "-f",
+            "raw",
+            "-w",
+            "-c",
+            "64",
+            "-d",
+            "4",
+            "--flush-interval",
+            "8",
+            "img",
+        ],
+        &[
+            "bench",
+            "-f",
+            "raw",
+            "-w",
+            "-c",
+            "64",
+            "-d",
+            "4",
+            "--flush-interval",
+            "8",
+            "--no-drain",
+            "img",
+        ],
         &["bench", "-f", "raw", "-q", "-c", "10", "img"],
         &["bench", "-f", "raw", "-t", "none", "-c", "100", "img"],
         &["bench", "-f", "raw", "-o", "16M", "-c", "1", "img"],
@@ -186,5 +213,97 @@ fn bench_random_and_time() {
                 .is_some_and(|s| (0.3..5.0).contains(&s)),
         || r.describe(),
     );
+    c.finish();
+}
+
+/// `bench` on formats other than raw: reads map through the image, `-w` allocates through
+/// its writer. The image must afterwards hold exactly what qemu-img's bench wrote into an
+/// identical image (qemu-img compare), and pass qemu-img check.
+#[test]
+fn bench_on_formatted_images() {
+    let twin = Twin::new();
+    let mut c = Checks::new();
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "qcow2",
+            "",
+            &["-w", "-c", "3000", "-d", "16", "--pattern", "5"],
+        ),
+        (
+            "qcow2",
+            "cluster_size=4k",
+            &["-w", "-c", "500", "-s", "12k", "-S", "20k", "-o", "3k"],
+        ),
+        (
+            "qcow2",
+            "extended_l2=on",
+            &["-w", "-c", "400", "-d", "8", "--flush-interval", "40"],
+        ),
+        (
+            "qcow2",
+            "",
+            &[
+                "-w",
+                "-c",
+                "400",
+                "-d",
+                "8",
+                "--flush-interval",
+                "40",
+                "--no-drain",
+            ],
+        ),
+        ("qcow2", "", &["-c", "2000", "-d", "8"]),
+        ("vpc", "", &["-w", "-c", "700", "-s", "8k", "-S", "24k"]),
+        ("vpc", "subformat=fixed", &["-w", "-c", "300", "-d", "4"]),
+    ];
+    for (fmt, opts, args) in cases {
+        twin.each(|d| {
+            let _ = std::fs::remove_file(d.join("img"));
+            let mut a = vec!["create", "-q", "-f", fmt];
+            if !opts.is_empty() {
+                a.extend(["-o", opts]);
+            }
+            a.extend(["img", "16M"]);
+            d.qemu(&a).assert_ok();
+            d.qemu_io_fmt(fmt, "img", &["write -P 9 1M 4k", "write -P 3 9M 1M"]);
+        });
+        let mut full = vec!["bench", "-f", fmt];
+        full.extend_from_slice(args);
+        full.push("img");
+        let pair = twin.run(&full);
+        c.no_panic(&pair.rimg);
+        c.check(
+            mask(&pair.qemu.out()) == mask(&pair.rimg.out())
+                && pair.qemu.err() == pair.rimg.err()
+                && pair.qemu.code() == pair.rimg.code(),
+            || {
+                format!(
+                    "`{}` differs\n{}{}",
+                    full.join(" "),
+                    pair.qemu.describe(),
+                    pair.rimg.describe()
+                )
+            },
+        );
+        let cmp = twin.r.qemu(&[
+            "compare",
+            "-f",
+            fmt,
+            "-F",
+            fmt,
+            "img",
+            twin.q.join("img").to_str().unwrap(),
+        ]);
+        c.check(cmp.ok(), || {
+            format!("`{}`: {}", full.join(" "), cmp.describe())
+        });
+        if *fmt == "qcow2" {
+            let chk = twin.r.qemu(&["check", "img"]);
+            c.check(chk.ok(), || {
+                format!("`{}`: {}", full.join(" "), chk.describe())
+            });
+        }
+    }
     c.finish();
 }

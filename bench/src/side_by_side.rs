@@ -1,14 +1,16 @@
-//! `side-by-side`: times `rimg` and `qemu-img` on the same raw-image workloads, alternately, and reports
-//! the median of each and the ratio qemu-img/rimg (> 1 means rimg is faster).
+//! `side-by-side`: times `rimg` and `qemu-img` on the same named workloads (see `workloads.rs`),
+//! alternately, reports the median of each and the ratio qemu-img/rimg (> 1 means rimg is faster), and
+//! appends one JSON line per workload to a history file (read by `perf-history compare|plot`).
 //!
-//! The harness builds its own inputs at run time in a scratch directory: a dense raw image (incompressible
-//! pseudo-random data over the whole size) and a sparse raw image (random data in 25% of the 1 MiB chunks,
-//! holes elsewhere), plus byte-identical copies of both for the `compare` workloads. Each timed run starts
-//! from the same state: both tools' previous outputs are removed and `sync` is run (untimed) so that
-//! writeback left by one tool is never charged to the other; with `--drop-caches` the page cache is dropped
-//! as well. Wall clock decides the ratio; each run's CPU time (user + system) is reported beside it.
+//! The harness builds its own inputs at run time in a scratch directory (`inputs.rs`): dense random raw
+//! data, a 25 % sparse raw image, compressible text-like data, copies for `compare`, and qcow2 images
+//! derived from them with qemu-img. Each timed run starts from the same state: both tools' previous outputs
+//! are removed and `sync` is run (untimed) so that writeback left by one tool is never charged to the
+//! other; cold workloads also drop the page cache. Wall clock decides the ratio; each run's CPU time
+//! (user + system) is reported beside it.
 //!
-//! std only, on purpose: the harness must build wherever rimg builds and must not perturb what it measures.
+//! Apart from serde_json for the history lines it is std only, on purpose: it must build wherever rimg
+//! builds and must not perturb what it measures.
 
 #[path = "side_by_side/args.rs"]
 mod args;
@@ -16,6 +18,8 @@ mod args;
 mod inputs;
 #[path = "side_by_side/report.rs"]
 mod report;
+#[path = "side_by_side/workloads.rs"]
+mod workloads;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -25,9 +29,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use args::{parse_args, workspace_root, Options, Parsed, USAGE};
-use inputs::{prepare_inputs, Scratch, Workload};
-use report::{print_table, utc_now, write_json, Row, RunInfo};
+use args::{parse_args, usage, workspace_root, DropPolicy, Options, Parsed};
+use inputs::{path_str, prepare_inputs, Scratch};
+use report::{machine, print_table, utc_now, write_json, Row, RunInfo};
+use workloads::{Cache, Counts, Workload};
 
 /// Harness errors are reported as one message and a non-zero exit; a `String` carries enough context.
 type Result<T> = std::result::Result<T, String>;
@@ -114,10 +119,10 @@ impl Tool {
         })
     }
 
-    /// Runs the tool once with `args`, timing wall clock from spawn to exit and its CPU time. A non-zero exit
-    /// aborts with the tool's stderr. Anything written to stderr on success is returned so the caller can
-    /// mention it.
-    fn run_timed(&self, args: &[String]) -> Result<Sample> {
+    /// Runs the tool once with `args`, timing wall clock from spawn to exit and its CPU time. An exit status
+    /// other than `expect` is an error carrying the tool's stderr. Anything written to stderr on success is
+    /// returned so the caller can mention it.
+    fn run_timed(&self, args: &[String], expect: i32) -> Result<Sample> {
         let cpu_before = children_cpu_s(self.tick);
         let start = Instant::now();
         let out = Command::new(&self.path)
@@ -132,9 +137,9 @@ impl Tool {
             .zip(cpu_before)
             .map(|(after, before)| after - before);
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        if !out.status.success() {
+        if out.status.code() != Some(expect) {
             return Err(format!(
-                "{} {} failed ({}):\n{}",
+                "{} {} failed ({}, expected exit {expect}):\n{}",
                 self.label,
                 args.join(" "),
                 out.status,
@@ -149,33 +154,48 @@ impl Tool {
     }
 }
 
-/// Flushes dirty pages (untimed) and, if asked and permitted, drops the page cache.
+/// Flushes dirty pages (untimed) and drops the page cache when the policy and the workload say so.
 struct CacheControl {
-    /// Still trying to drop caches (cleared after the first failure, which is reported once).
-    drop: bool,
+    /// When to drop.
+    policy: DropPolicy,
+    /// Dropping works here (cleared after the first failure, which is reported once).
+    can_drop: bool,
 }
 
 impl CacheControl {
-    /// Brings the system to the same state before every timed run.
-    fn settle(&mut self) {
-        let _ = Command::new("sync").status();
-        if self.drop {
-            if let Err(e) = fs::write("/proc/sys/vm/drop_caches", "3\n") {
-                eprintln!(
-                    "warning: could not drop caches (writing /proc/sys/vm/drop_caches: {e}; \
-                     needs root and a writable /proc/sys); timing with a warm cache"
-                );
-                self.drop = false;
+    /// Whether runs of a workload with `cache` are to be timed cold.
+    fn wants_drop(&self, cache: Cache) -> bool {
+        self.can_drop
+            && match self.policy {
+                DropPolicy::Always => true,
+                DropPolicy::Never => false,
+                DropPolicy::PerWorkload => cache == Cache::Cold,
             }
+    }
+
+    /// Brings the system to the same state before every timed run; returns whether the cache was dropped.
+    fn settle(&mut self, cache: Cache) -> bool {
+        let _ = Command::new("sync").status();
+        if !self.wants_drop(cache) {
+            return false;
         }
+        if let Err(e) = fs::write("/proc/sys/vm/drop_caches", "3\n") {
+            eprintln!(
+                "warning: could not drop caches (writing /proc/sys/vm/drop_caches: {e}; \
+                 needs root and a writable /proc/sys); cold workloads are timed with a warm cache"
+            );
+            self.can_drop = false;
+            return false;
+        }
+        true
     }
 }
 
 /// Checks with `qemu-img compare` that `out` has the same content as `src`, and returns the output's
 /// allocated bytes (for the log: a sparse source should give a sparse output).
-fn verify(qemu: &Tool, src: &Path, out: &Path) -> Result<u64> {
+fn verify(qemu: &Tool, src: &Path, fmts: (&str, &str), out: &Path) -> Result<u64> {
     let res = Command::new(&qemu.path)
-        .args(["compare", "-f", "raw", "-F", "raw"])
+        .args(["compare", "-f", fmts.0, "-F", fmts.1])
         .arg(src)
         .arg(out)
         .stdin(Stdio::null())
@@ -195,21 +215,74 @@ fn verify(qemu: &Tool, src: &Path, out: &Path) -> Result<u64> {
     Ok(meta.blocks() * 512)
 }
 
-/// Removes the previous convert outputs of both tools, if any, so every timed run starts from the same
-/// state: no output file, and none of the other tool's output left in the page cache.
-fn remove_outputs(w: Workload, scratch: &Scratch, tools: [&Tool; 2]) -> Result<()> {
-    if !w.is_convert() {
-        return Ok(());
-    }
+/// Removes both tools' per-run files (convert outputs, fresh images), so every timed run starts from the
+/// same state: no output file, and none of the other tool's output left in the page cache.
+fn remove_outputs(w: &Workload, scratch: &Scratch, tools: [&Tool; 2]) -> Result<()> {
     for tool in tools {
-        let out = scratch.output(tool.label);
-        match fs::remove_file(&out) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("removing {}: {e}", out.display())),
+        for f in w.tool_files(scratch, tool.label) {
+            match fs::remove_file(&f) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("removing {}: {e}", f.display())),
+            }
         }
     }
     Ok(())
+}
+
+/// Prepares (untimed) one run of `tool`: removes both tools' outputs and creates the tool's fresh image if
+/// the workload writes to one.
+fn prepare_run(
+    w: &Workload,
+    opts: &Options,
+    scratch: &Scratch,
+    tools: [&Tool; 2],
+    tool: &Tool,
+) -> Result<()> {
+    remove_outputs(w, scratch, tools)?;
+    if let Some(fresh) = w.fresh(scratch, tool.label) {
+        let out = Command::new(&opts.qemu_img)
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&fresh)
+            .arg(opts.size.to_string())
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run qemu-img create: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "qemu-img create {} failed: {}",
+                fresh.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// For a bench workload: the engine path rimg reports (`--output=json`, key `engine`), from one more
+/// untimed run, so the history says what was measured (io_uring or threads, O_DIRECT, registered buffers).
+fn rimg_engine(rimg: &Tool, args: &[String]) -> Option<String> {
+    if args.first().map(String::as_str) != Some("bench") {
+        return None;
+    }
+    let out = Command::new(&rimg.path)
+        .args(args)
+        .arg("--output=json")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The `engine` value is an array of strings; keep its text (one line per item) without parsing JSON.
+    let start = text.find("\"engine\"")?;
+    let open = start + text[start..].find('[')?;
+    let close = open + text[open..].find(']')?;
+    let items: Vec<&str> = text[open + 1..close]
+        .split("\",")
+        .map(|s| s.trim().trim_matches('"').trim())
+        .filter(|s| !s.is_empty())
+        .collect();
+    Some(items.join("; "))
 }
 
 /// Whether this machine is a VM whose virtio-balloon reports free pages to the host
@@ -236,32 +309,80 @@ fn loadavg() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// One timed run of `tool`: `repeat` invocations back to back, reported per invocation.
+fn sample(tool: &Tool, args: &[String], expect: i32, repeat: usize) -> Result<Sample> {
+    let mut total = tool.run_timed(args, expect)?;
+    for _ in 1..repeat {
+        let s = tool.run_timed(args, expect)?;
+        total.wall += s.wall;
+        total.cpu_s = total.cpu_s.zip(s.cpu_s).map(|(a, b)| a + b);
+    }
+    total.wall /= repeat as u32;
+    total.cpu_s = total.cpu_s.map(|c| c / repeat as f64);
+    Ok(total)
+}
+
 /// Runs one workload `warmup` times untimed and `runs` times timed per tool, alternating the order, and
-/// verifies convert outputs once.
+/// verifies convert outputs once. A tool failing gives a row with the error (the run goes on).
 fn run_workload(
-    w: Workload,
+    w: &'static Workload,
     opts: &Options,
     scratch: &Scratch,
     tools: [&Tool; 2],
     cache: &mut CacheControl,
-) -> Result<Row> {
+) -> Row {
+    let mut row = Row::new(w, if w.startup { opts.startup_repeat } else { 1 });
+    if let Err(e) = time_workload(&mut row, opts, scratch, tools, cache) {
+        println!("   FAILED: {}", report::last_line(&e));
+        eprintln!("side-by-side: {}: {e}", w.name);
+        row.error = Some(e);
+    }
+    if !opts.keep {
+        let _ = remove_outputs(w, scratch, tools);
+    }
+    row
+}
+
+/// The measuring part of [`run_workload`], filling `row`.
+fn time_workload(
+    row: &mut Row,
+    opts: &Options,
+    scratch: &Scratch,
+    tools: [&Tool; 2],
+    cache: &mut CacheControl,
+) -> Result<()> {
+    let w = row.workload;
     let [rimg, qemu] = tools;
+    let counts = Counts::for_size(opts.size);
     let mut wall: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut cpu: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut stderr_noted = Vec::new();
-    println!("== {}", w.name());
+    let args = |tool: &Tool| w.args(scratch, tool.label, counts);
+    println!(
+        "== {} ({}{})",
+        w.name,
+        if cache.wants_drop(w.cache) {
+            "cold: page cache dropped before each run"
+        } else {
+            "warm page cache"
+        },
+        if row.repeat > 1 {
+            format!(", {} runs per sample", row.repeat)
+        } else {
+            String::new()
+        }
+    );
     for tool in tools {
-        let args = w.args(scratch, &scratch.output(tool.label));
-        println!("   {} {}", tool.label, args.join(" "));
+        println!("   {} {}", tool.label, args(tool).join(" "));
     }
     for _ in 0..opts.warmup {
         for tool in tools {
-            let out = scratch.output(tool.label);
-            remove_outputs(w, scratch, tools)?;
-            cache.settle();
-            tool.run_timed(&w.args(scratch, &out))?;
+            prepare_run(w, opts, scratch, tools, tool)?;
+            cache.settle(Cache::Warm);
+            tool.run_timed(&args(tool), w.expect_exit)?;
         }
     }
+    row.dropped = cache.wants_drop(w.cache);
     for run in 1..=opts.runs {
         let order = if run % 2 == 1 {
             [rimg, qemu]
@@ -270,14 +391,13 @@ fn run_workload(
         };
         let mut line = format!("   run {run}/{}:", opts.runs);
         for tool in order {
-            let out = scratch.output(tool.label);
-            remove_outputs(w, scratch, tools)?;
-            cache.settle();
+            prepare_run(w, opts, scratch, tools, tool)?;
+            row.dropped &= cache.settle(w.cache);
             let Sample {
                 wall: elapsed,
                 cpu_s,
                 stderr,
-            } = tool.run_timed(&w.args(scratch, &out))?;
+            } = sample(tool, &args(tool), w.expect_exit, row.repeat)?;
             let secs = elapsed.as_secs_f64();
             wall.entry(tool.label).or_default().push(secs);
             let _ = write!(line, "  {} {secs:.3} s", tool.label);
@@ -293,9 +413,11 @@ fn run_workload(
                     stderr.trim()
                 );
             }
-            if w.is_convert() && run == 1 {
-                let src = scratch.image(w.input());
-                let allocated = verify(qemu, &src, &out)?;
+            if let (Some((src, src_fmt, out_fmt)), 1) = (w.verify_pair(), run) {
+                let out = w
+                    .output(scratch, tool.label)
+                    .ok_or("convert workload without an output")?;
+                let allocated = verify(qemu, &scratch.image(src), (src_fmt, out_fmt), &out)?;
                 let _ = write!(
                     line,
                     " (verified, {} MiB allocated)",
@@ -305,18 +427,16 @@ fn run_workload(
         }
         println!("{line}");
     }
-    if w.is_convert() {
-        for tool in tools {
-            let _ = fs::remove_file(scratch.output(tool.label));
-        }
+    row.rimg_engine = rimg_engine(rimg, &args(rimg))
+        .map(|e| e.replace(&format!("{}/", path_str(&scratch.dir)), ""));
+    if let Some(e) = &row.rimg_engine {
+        println!("   rimg engine: {e}");
     }
-    Ok(Row {
-        workload: w,
-        rimg: wall.remove(rimg.label).unwrap_or_default(),
-        qemu: wall.remove(qemu.label).unwrap_or_default(),
-        rimg_cpu: cpu.remove(rimg.label).unwrap_or_default(),
-        qemu_cpu: cpu.remove(qemu.label).unwrap_or_default(),
-    })
+    row.rimg = wall.remove(rimg.label).unwrap_or_default();
+    row.qemu = wall.remove(qemu.label).unwrap_or_default();
+    row.rimg_cpu = cpu.remove(rimg.label).unwrap_or_default();
+    row.qemu_cpu = cpu.remove(qemu.label).unwrap_or_default();
+    Ok(())
 }
 
 /// Runs git in the workspace root and returns its trimmed stdout on success.
@@ -343,17 +463,23 @@ fn run(opts: Options) -> Result<()> {
     }
     let rimg = Tool::new("rimg", opts.rimg.clone())?;
     let qemu = Tool::new("qemu-img", opts.qemu_img.clone())?;
+    let date = utc_now();
     let mut info = RunInfo {
+        run_id: format!("{date}-{}", std::process::id()),
         size: opts.size,
+        text_size: opts.text_size,
         runs: opts.runs,
+        quick: opts.quick,
         rimg_version: rimg.version.clone(),
         qemu_version: qemu.version.clone(),
-        date: utc_now(),
+        date,
         git_commit: git(&["rev-parse", "HEAD"]),
+        git_subject: git(&["log", "-1", "--format=%s"]),
         git_dirty: git(&["status", "--porcelain", "--untracked-files=no"]).map(|s| !s.is_empty()),
-        drop_caches: opts.drop_caches,
         warmup: opts.warmup,
         free_page_reporting: free_page_reporting(),
+        machine: machine(),
+        scratch_fs: String::new(),
         loadavg_start: String::new(),
         loadavg_end: String::new(),
     };
@@ -361,8 +487,9 @@ fn run(opts: Options) -> Result<()> {
     println!("rimg:     {} ({})", rimg.path.display(), rimg.version);
     println!("qemu-img: {} ({})", qemu.path.display(), qemu.version);
     println!(
-        "size {} MiB, {} runs per tool after {} warm-up, scratch {}, git {}{}, {}",
+        "size {} MiB (text {} MiB), {} runs per tool after {} warm-up, scratch {}, git {}{}, {}",
         opts.size >> 20,
+        opts.text_size >> 20,
         opts.runs,
         opts.warmup,
         scratch.dir.display(),
@@ -372,12 +499,22 @@ fn run(opts: Options) -> Result<()> {
         } else {
             ""
         },
-        if opts.drop_caches {
-            "dropping caches before each run"
-        } else {
-            "warm page cache"
+        match opts.drop {
+            DropPolicy::PerWorkload => "cold workloads drop the page cache",
+            DropPolicy::Always => "dropping the page cache before every run",
+            DropPolicy::Never => "never dropping the page cache",
         }
     );
+    println!("machine:  {}", info.machine.summary());
+    let fs = inputs::fs_type(&scratch.dir).unwrap_or_else(|| "unknown".into());
+    println!("scratch filesystem: {fs}");
+    info.scratch_fs = fs.clone();
+    if fs == "tmpfs" || fs == "ramfs" {
+        println!(
+            "note: the scratch directory is in memory ({fs}): O_DIRECT workloads fail there and nothing \
+             touches a disk; pass --dir on a disk-backed filesystem"
+        );
+    }
     if info.free_page_reporting {
         println!(
             "note: this VM reports freed memory to its host (virtio-balloon free page reporting): buffered \
@@ -388,18 +525,13 @@ fn run(opts: Options) -> Result<()> {
     prepare_inputs(&opts, &scratch)?;
 
     let mut cache = CacheControl {
-        drop: opts.drop_caches,
+        policy: opts.drop,
+        can_drop: true,
     };
     let mut rows = Vec::new();
     info.loadavg_start = loadavg();
     for &w in &opts.workloads {
-        rows.push(run_workload(
-            w,
-            &opts,
-            &scratch,
-            [&rimg, &qemu],
-            &mut cache,
-        )?);
+        rows.push(run_workload(w, &opts, &scratch, [&rimg, &qemu], &mut cache));
     }
     info.loadavg_end = loadavg();
     print_table(&rows);
@@ -407,9 +539,21 @@ fn run(opts: Options) -> Result<()> {
         "load average (1/5/15 min): {} at start, {} at end",
         info.loadavg_start, info.loadavg_end
     );
-    if let Some(path) = &opts.json {
+    if let Some(path) = &opts.history {
         write_json(path, &rows, &info)?;
         println!("appended {} JSON lines to {}", rows.len(), path.display());
+    }
+    let failed: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.error.is_some())
+        .map(|r| r.workload.name)
+        .collect();
+    if !failed.is_empty() {
+        return Err(format!(
+            "{} workload(s) failed: {}",
+            failed.len(),
+            failed.join(", ")
+        ));
     }
     Ok(())
 }
@@ -419,7 +563,7 @@ fn main() -> ExitCode {
     let opts = match parse_args(std::env::args().skip(1)) {
         Ok(Parsed::Run(opts)) => opts,
         Ok(Parsed::Help) => {
-            print!("{USAGE}");
+            print!("{}", usage());
             return ExitCode::SUCCESS;
         }
         Err(e) => {

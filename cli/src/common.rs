@@ -56,6 +56,10 @@ pub struct ImageSpec {
     pub no_lock: bool,
     /// internal snapshot to read (`-l`)
     pub snapshot: Option<String>,
+    /// id of the `--object secret` holding the image's key (`encrypt.key-secret`)
+    pub key_secret: Option<String>,
+    /// the `--image-opts` string, which QEMU names the image by in format-level errors
+    pub opts_name: Option<String>,
 }
 
 impl ImageSpec {
@@ -74,11 +78,14 @@ impl ImageSpec {
                 format: format.map(str::to_string),
                 no_lock: false,
                 snapshot: None,
+                key_secret: None,
+                opts_name: None,
             });
         }
         let mut m = OptionMap::parse(arg);
         let mut spec = ImageSpec {
             format: m.take("driver"),
+            opts_name: Some(arg.to_string()),
             ..Default::default()
         };
         let file = m
@@ -90,6 +97,9 @@ impl ImageSpec {
                 bail!("Unknown protocol driver '{d}': rimg supports 'file' and 'host_device'");
             }
         }
+        spec.key_secret = m
+            .take("encrypt.key-secret")
+            .or_else(|| m.take("key-secret"));
         match m.take("file.locking").as_deref() {
             None | Some("auto") | Some("on") => {}
             Some("off") => spec.no_lock = true,
@@ -111,10 +121,11 @@ impl ImageSpec {
             no_lock: self.no_lock,
             snapshot: self.snapshot.clone(),
             check: false,
+            key: self.key()?,
         };
         let (image, probed) =
             rimg_formats::chain::open_image(&self.path, self.format.as_deref(), &opts)
-                .map_err(|e| anyhow!(open_message(&self.path, e)))?;
+                .map_err(|e| anyhow!(open_message(self.error_name(&e), e)))?;
         Ok(Chain::single(image, &self.path, probed))
     }
 
@@ -132,14 +143,74 @@ impl ImageSpec {
             no_lock: self.no_lock,
             snapshot: self.snapshot.clone(),
             check,
+            key: self.key()?,
         };
         let chain = Chain::open(&self.path, self.format.as_deref(), &opts)
-            .map_err(|e| anyhow!(open_message(&self.path, e)))?;
+            .map_err(|e| anyhow!(open_message(self.error_name(&e), e)))?;
         if opts.write() {
             warn_probed_raw(&chain);
         }
         Ok(chain)
     }
+}
+
+impl ImageSpec {
+    /// The name an open error shows: the `--image-opts` string for a key that does not
+    /// unlock the image (QEMU names the node by its options there), else the path.
+    fn error_name(&self, e: &rimg_formats::Error) -> &str {
+        match (&self.opts_name, e) {
+            (Some(n), rimg_formats::Error::Unsupported(m)) if m.starts_with("Invalid password") => {
+                n
+            }
+            _ => &self.path,
+        }
+    }
+
+    /// The bytes of the image's key secret, if one was named.
+    fn key(&self) -> Result<Option<Vec<u8>>> {
+        match &self.key_secret {
+            None => Ok(None),
+            Some(id) => secret(id)
+                .map(Some)
+                .ok_or_else(|| anyhow!("Could not open '{}': No secret with id '{id}'", self.path)),
+        }
+    }
+}
+
+/// The bytes of secret `id` (defined with `--object secret,...`).
+pub fn secret(id: &str) -> Option<Vec<u8>> {
+    rimg_formats::crypto::secret(id)
+}
+
+/// Keep a `secret` object's bytes.
+fn store_secret(m: &OptionMap) -> Result<()> {
+    let id = m.get("id").unwrap_or_default().to_string();
+    if m.get("keyid").is_some() || m.get("iv").is_some() {
+        bail!("encrypted secrets (keyid/iv) are not supported by rimg yet");
+    }
+    let raw = match (m.get("data"), m.get("file")) {
+        (Some(_), Some(_)) => bail!("'data' and 'file' are mutually exclusive"),
+        (Some(d), None) => d.as_bytes().to_vec(),
+        (None, Some(f)) => std::fs::read(f)
+            .map_err(|e| anyhow!("Unable to read {f}: {}", rimg_formats::error::strerror(&e)))?,
+        (None, None) => bail!("Either 'file' or 'data' must be provided"),
+    };
+    let bytes = match m.get("format") {
+        None | Some("raw") => raw,
+        Some("base64") => {
+            use base64::Engine as _;
+            let text: Vec<u8> = raw
+                .into_iter()
+                .filter(|c| !c.is_ascii_whitespace())
+                .collect();
+            base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .map_err(|_| anyhow!("Invalid base64 data"))?
+        }
+        Some(f) => bail!("Parameter 'format' does not accept value '{f}'"),
+    };
+    rimg_formats::crypto::register_secret(&id, bytes);
+    Ok(())
 }
 
 /// Word an open error as qemu-img does: `Could not open 'x': ...`.
@@ -224,8 +295,8 @@ pub fn check_object(def: &str) -> Result<()> {
     if m.get("id").is_none() {
         bail!("Parameter 'id' is missing");
     }
-    if ty == "secret" && m.get("data").is_none() && m.get("file").is_none() {
-        bail!("Either 'file' or 'data' must be provided");
+    if ty == "secret" {
+        store_secret(&m)?;
     }
     Ok(())
 }

@@ -62,6 +62,7 @@ fn status(ce: &ChainExtent, c: &Chain, off: u64, size: u64) -> (bool, bool, bool
     match ce.extent {
         Extent::Data { .. } | Extent::Compressed { .. } => (true, true, false, eof, false),
         Extent::Zero { .. } => (true, false, true, eof, false),
+        Extent::DataHole { .. } => (true, true, true, eof, false),
         _ => (ce.depth < layers, false, true, eof, false),
     }
 }
@@ -90,11 +91,7 @@ pub fn compare(
     let mut idx: [Vec<Vec<FileIdx>>; 2] = [Vec::new(), Vec::new()];
     for (k, c) in [a, b].iter().enumerate() {
         for layer in c.layers() {
-            let mut v = Vec::new();
-            for f in layer.image.files() {
-                v.push(files.add(engine, f, false, opts.cache)?);
-            }
-            idx[k].push(v);
+            idx[k].push(files.add_image(engine, &*layer.image, false, opts.cache)?);
         }
     }
     let files = Arc::new(files);
@@ -442,6 +439,21 @@ impl Work for CompareWork {
                     path: cx.files.path(file).to_string(),
                     source: e,
                 });
+            }
+        }
+        if let (Src::Data(file, host), None) = (self.sides[k], &self.err) {
+            if cx.files.encrypted(file) {
+                let n = want.div_ceil(512) * 512;
+                buf.set_len(buf.capacity().min(n.max(buf.len())));
+                let at = host - self.skips[k] as u64;
+                let end = n.min(buf.len());
+                if let Err(e) = cx.files.decrypt(file, at, &mut buf.as_mut_slice()[..end]) {
+                    self.err.get_or_insert(Error::Read {
+                        guest: self.guest,
+                        path: cx.files.path(file).to_string(),
+                        source: e,
+                    });
+                }
             }
         }
         self.bufs[k] = Some(buf);

@@ -100,20 +100,21 @@ pub fn convert(
     for s in sources {
         let mut per_layer = Vec::new();
         for layer in s.chain.layers() {
-            let mut v = Vec::new();
-            for f in layer.image.files() {
-                v.push(files.add(engine, f, false, opts.src_cache)?);
-            }
-            per_layer.push(v);
+            per_layer.push(files.add_image(engine, &*layer.image, false, opts.src_cache)?);
         }
         src_idx.push(per_layer);
     }
     let mut dst_idx = Vec::new();
-    for f in target.image.files() {
-        let i = files.add(engine, f, true, opts.dst_cache)?;
+    for i in files.add_image(engine, target.image, true, opts.dst_cache)? {
         files.mark_written(i);
         dst_idx.push(i);
     }
+    let encrypted = src_idx
+        .iter()
+        .flatten()
+        .flatten()
+        .chain(&dst_idx)
+        .any(|&i| files.encrypted(i));
     let files = Arc::new(files);
     let mut pool = Pool::start_with_unit(engine, files.clone(), usize::MAX, 1, unit as usize)?;
     let max_inflight = opts.parallel.max(1) * 2;
@@ -137,6 +138,7 @@ pub fn convert(
         cluster_of: HashMap::new(),
         dst_idx: dst_idx.clone(),
         target_zero: target.is_zero,
+        encrypted,
     };
     // -c: the target's cluster size and codec; units are whole target clusters.
     let squeeze = if opts.compress || plan.writer.always_compressed() {
@@ -281,6 +283,8 @@ pub fn convert(
 }
 
 struct Planner<'a, 'w> {
+    /// a source is encrypted (no copy_file_range: bytes must pass through memory)
+    encrypted: bool,
     pool: &'a mut Pool,
     writer: &'w mut dyn ImageWriter,
     tickets: HashMap<u64, Ticket>,
@@ -524,8 +528,11 @@ impl Planner<'_, '_> {
             .collect();
         let id = self.next_id;
         self.next_id += 1;
-        let cfr =
-            opts.copy_range && detect.is_none() && matches!(src, Src::Data(..)) && dst.len() == 1;
+        let cfr = opts.copy_range
+            && !self.encrypted
+            && detect.is_none()
+            && matches!(src, Src::Data(..))
+            && dst.len() == 1;
         let w = Box::new(CopyWork::new(
             id,
             t,

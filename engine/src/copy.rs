@@ -282,13 +282,14 @@ impl CopyWork {
                     let Some(mut buf) = self.buf.take() else {
                         break; // a write is in flight with the buffer
                     };
-                    let (slot, host, start, len) = match self.ios.pop_front() {
+                    let (file, slot, host, start, len) = match self.ios.pop_front() {
                         Some(Io::Write {
                             file,
                             host,
                             buf_off,
                             len,
                         }) => (
+                            file,
                             cx.files.slot_at(file, host, len as u64, buf_off),
                             host,
                             buf_off,
@@ -306,10 +307,32 @@ impl CopyWork {
                                     len: len - n as u64,
                                 });
                             }
-                            (cx.files.slot(file, host, n as u64), host, 0, n)
+                            (file, cx.files.slot(file, host, n as u64), host, 0, n)
                         }
                         _ => unreachable!("front was a write"),
                     };
+                    // An encrypted target gets ciphertext (zeros included).
+                    if cx.files.encrypted(file) {
+                        if buf.len() < start + len {
+                            buf.set_len(buf.capacity());
+                        }
+                        let r = cx.files.encrypt(
+                            file,
+                            host,
+                            &mut buf.as_mut_slice()[start..start + len],
+                        );
+                        if let Err(e) = r {
+                            self.set_err(Error::Io {
+                                what: "encrypting for",
+                                path: cx.files.path(file).to_string(),
+                                off: host,
+                                source: e,
+                            });
+                            self.buf = Some(buf);
+                            self.ios.clear();
+                            break;
+                        }
+                    }
                     cx.submit(
                         TAG_WRITE,
                         OpKind::Write {
@@ -434,6 +457,21 @@ impl Work for CopyWork {
                             buf.as_mut_slice()[..want].fill(0);
                             self.salvaged += self.len;
                         } else {
+                            self.set_err(Error::Read {
+                                guest: self.guest,
+                                path: cx.files.path(file).to_string(),
+                                source: e,
+                            });
+                        }
+                    }
+                }
+                if let (Src::Data(file, host), None) = (self.src, &self.err) {
+                    if cx.files.encrypted(file) {
+                        let n = want.div_ceil(512) * 512;
+                        buf.set_len(buf.capacity().min(n.max(buf.len())));
+                        let at = host - self.skip as u64;
+                        let end = n.min(buf.len());
+                        if let Err(e) = cx.files.decrypt(file, at, &mut buf.as_mut_slice()[..end]) {
                             self.set_err(Error::Read {
                                 guest: self.guest,
                                 path: cx.files.path(file).to_string(),

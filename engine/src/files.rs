@@ -68,6 +68,11 @@ struct JobFile {
     direct: Option<(File, DioAlign)>,
     written: bool,
     cache: CacheMode,
+    /// encrypted by sectors: (cipher, host offset of IV sector 0)
+    crypt: Option<(
+        std::sync::Arc<dyn rimg_formats::crypto::cipher::SectorCipher>,
+        u64,
+    )>,
 }
 
 /// The file table of one job; every shard registers the same descriptors.
@@ -132,6 +137,7 @@ impl JobFiles {
             direct,
             written: false,
             cache,
+            crypt: None,
         });
         Ok(FileIdx(self.files.len() - 1))
     }
@@ -211,9 +217,100 @@ impl JobFiles {
         &self.files[i.0].path
     }
 
+    /// Add every file of `image` (one open with `write`/`cache`), marking the encrypted one
+    /// so reads from it are decrypted. Returns the indexes in the image's file order.
+    pub fn add_image(
+        &mut self,
+        engine: &Engine,
+        image: &dyn rimg_formats::Image,
+        write: bool,
+        cache: CacheMode,
+    ) -> Result<Vec<FileIdx>> {
+        let mut v = Vec::new();
+        for f in image.files() {
+            v.push(self.add(engine, f, write, cache)?);
+        }
+        if let Some(e) = image.encryption() {
+            if let Some(i) = v.get(e.file.0 as usize) {
+                self.files[i.0].crypt = Some((e.cipher, e.base));
+            }
+        }
+        Ok(v)
+    }
+
+    /// Whether file `i` holds encrypted data.
+    pub fn encrypted(&self, i: FileIdx) -> bool {
+        self.files[i.0].crypt.is_some()
+    }
+
+    /// Decrypt `buf`, read from file `i` at `host`, in place (nothing for plain files).
+    /// Encrypted reads are whole 512-byte sectors; a partial last sector is an error.
+    pub fn decrypt(&self, i: FileIdx, host: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let Some((c, base)) = &self.files[i.0].crypt else {
+            return Ok(());
+        };
+        if host < *base || !(host - base).is_multiple_of(512) || !buf.len().is_multiple_of(512) {
+            return Err(std::io::Error::other(format!(
+                "unaligned read of encrypted data ({} bytes at {host:#x})",
+                buf.len()
+            )));
+        }
+        c.decrypt((host - base) / 512, buf);
+        Ok(())
+    }
+
+    /// Encrypt `buf`, about to be written to file `i` at `host`, in place (nothing for
+    /// plain files). Whole 512-byte sectors only.
+    pub fn encrypt(&self, i: FileIdx, host: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let Some((c, base)) = &self.files[i.0].crypt else {
+            return Ok(());
+        };
+        if host < *base || !(host - base).is_multiple_of(512) || !buf.len().is_multiple_of(512) {
+            return Err(std::io::Error::other(format!(
+                "unaligned write of encrypted data ({} bytes at {host:#x})",
+                buf.len()
+            )));
+        }
+        c.encrypt((host - base) / 512, buf);
+        Ok(())
+    }
+
+    /// Read `dst.len()` bytes at `off` of file `i` with the buffered descriptor, decrypted
+    /// when the file is encrypted (reading whole sectors around the range). Bytes past EOF
+    /// read as zeros. Returns the bytes that came from the file.
+    pub fn pread_plain(&self, i: FileIdx, off: u64, dst: &mut [u8]) -> std::io::Result<usize> {
+        if self.files[i.0].crypt.is_none() {
+            let got = self.pread(i, off, dst)?;
+            dst[got..].fill(0);
+            return Ok(got);
+        }
+        let a = off & !511;
+        let end = (off + dst.len() as u64).div_ceil(512) * 512;
+        let mut tmp = vec![0u8; (end - a) as usize];
+        let got = self.pread(i, a, &mut tmp)?;
+        tmp[got..].fill(0);
+        self.decrypt(i, a, &mut tmp)?;
+        let s = (off - a) as usize;
+        dst.copy_from_slice(&tmp[s..s + dst.len()]);
+        Ok(dst.len())
+    }
+
     /// Remember that file `i` was written (so it is flushed at the end).
     pub fn mark_written(&mut self, i: FileIdx) {
         self.files[i.0].written = true;
+    }
+
+    /// fdatasync every written file, whatever the cache mode (an explicit flush).
+    pub fn sync_written(&self) -> Result<()> {
+        for f in self.files.iter().filter(|f| f.written) {
+            f.buffered.sync_data().map_err(|source| Error::Io {
+                what: "flushing",
+                path: f.path.clone(),
+                off: 0,
+                source,
+            })?;
+        }
+        Ok(())
     }
 
     /// fsync every written file whose cache mode asks for it.

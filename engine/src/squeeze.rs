@@ -93,9 +93,8 @@ impl CompressWork {
 }
 
 fn pread_full(files: &JobFiles, f: FileIdx, off: u64, dst: &mut [u8]) -> stdio::Result<()> {
-    let got = files.pread(f, off, dst)?;
-    // Past EOF (a raw tail): zeros.
-    dst[got..].fill(0);
+    // Past EOF (a raw tail): zeros. Encrypted sources are decrypted.
+    files.pread_plain(f, off, dst)?;
     Ok(())
 }
 

@@ -99,12 +99,19 @@ impl Chain {
                 )));
             }
             seen.push(id);
+            // `info` opens the whole chain without I/O (no locks, no keys); everything
+            // else reads backing files.
             let bopts = OpenOptions {
-                access: Access::Read,
+                access: if opts.access == Access::Info {
+                    Access::Info
+                } else {
+                    Access::Read
+                },
                 force_share: opts.force_share,
                 no_lock: opts.no_lock,
                 snapshot: None,
                 check: false,
+                key: None,
             };
             let (image, probed) = open_image(&resolved, backing.format.as_deref(), &bopts)
                 .map_err(|e| {

@@ -61,6 +61,27 @@ pub struct SnapshotInfo {
     pub l1_size: u32,
 }
 
+/// The encryption of an image's data: sector `n` of the IV sequence is the 512 bytes at
+/// host offset `base + n * 512` of `file`.
+#[derive(Clone)]
+pub struct Encryption {
+    /// which of the image's files holds encrypted data
+    pub file: FileId,
+    /// host offset of IV sector 0
+    pub base: u64,
+    /// the cipher, keyed
+    pub cipher: Arc<dyn crate::crypto::cipher::SectorCipher>,
+}
+
+impl std::fmt::Debug for Encryption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encryption")
+            .field("file", &self.file)
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
 /// How an image is to be opened.
 #[derive(Clone, Debug, Default)]
 pub struct OpenOptions {
@@ -75,6 +96,8 @@ pub struct OpenOptions {
     /// opened by `check` (QEMU's BDRV_O_CHECK): inconsistencies that would refuse the open
     /// are left for [`Image::check`] to report
     pub check: bool,
+    /// the key secret of an encrypted image (`encrypt.key-secret`), as bytes
+    pub key: Option<Vec<u8>>,
 }
 
 impl OpenOptions {
@@ -268,6 +291,15 @@ pub trait Image: Send + Sync {
     /// The internal snapshots, in table order.
     fn snapshots(&self) -> Vec<SnapshotInfo> {
         Vec::new()
+    }
+    /// Whether the image's data is encrypted (`encrypted` in `info`).
+    fn encrypted(&self) -> bool {
+        false
+    }
+    /// How to decrypt the image's data, when it is encrypted and was opened with its key:
+    /// bytes of [`Extent::Data`] in `file` are encrypted by 512-byte sectors.
+    fn encryption(&self) -> Option<Encryption> {
+        None
     }
     /// Whether the image's dirty flag is set (`dirty-flag` in `info`).
     fn dirty(&self) -> bool {

@@ -50,6 +50,18 @@ pub enum Extent {
         /// reserved host location, if any
         at: Option<(FileId, HostOff)>,
     },
+    /// Guest bytes mapped verbatim at `host` in `file` where the host file has a hole, so
+    /// they read as zeros (a fixed-layout image over a sparse file: vpc fixed). Allocated in
+    /// this layer; `map` reports it as both data and zero, as QEMU does when it asks the
+    /// protocol layer under such a format (`BDRV_BLOCK_RECURSE`).
+    DataHole {
+        /// which of the image's files
+        file: FileId,
+        /// where in that file
+        host: HostOff,
+        /// length in bytes
+        len: u64,
+    },
     /// A compressed unit: decode `clen_max` bytes at `host` with `codec` into `unit` bytes,
     /// of which the range covers `len` bytes starting `skip` bytes into the unit.
     Compressed {
@@ -75,6 +87,7 @@ impl Extent {
     pub fn len(&self) -> u64 {
         match *self {
             Extent::Data { len, .. }
+            | Extent::DataHole { len, .. }
             | Extent::Zero { len, .. }
             | Extent::Unallocated { len, .. }
             | Extent::Compressed { len, .. } => len,
@@ -90,6 +103,7 @@ impl Extent {
     pub fn truncate(&mut self, new_len: u64) {
         match self {
             Extent::Data { len, .. }
+            | Extent::DataHole { len, .. }
             | Extent::Zero { len, .. }
             | Extent::Unallocated { len, .. }
             | Extent::Compressed { len, .. } => *len = (*len).min(new_len),
@@ -100,7 +114,7 @@ impl Extent {
     pub fn advance(&self, n: u64) -> Extent {
         let mut e = self.clone();
         match &mut e {
-            Extent::Data { host, len, .. } => {
+            Extent::Data { host, len, .. } | Extent::DataHole { host, len, .. } => {
                 *host = host.plus(n);
                 *len -= n;
             }
@@ -130,6 +144,17 @@ impl Extent {
             (
                 Extent::Data { file, host, len },
                 Extent::Data {
+                    file: f2,
+                    host: h2,
+                    len: l2,
+                },
+            ) if file == f2 && host.plus(*len) == *h2 => {
+                *len += l2;
+                true
+            }
+            (
+                Extent::DataHole { file, host, len },
+                Extent::DataHole {
                     file: f2,
                     host: h2,
                     len: l2,

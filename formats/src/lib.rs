@@ -15,26 +15,29 @@
 //! - [`chain`]: backing chains, opened through a gate (depth limit, loop detection).
 //! - [`registry`]: the driver list and format probing.
 //! - [`opts`]: `-o` option strings and qemu-img's size syntax.
-//! - one module per format: [`raw`], [`qcow2`], [`vhdx`].
+//! - one module per format: [`raw`], [`qcow2`], [`vpc`], [`luks`], [`vhdx`].
 #![deny(missing_docs)]
 
 pub mod chain;
+pub mod crypto;
 pub mod driver;
 pub mod error;
 pub mod extent;
 pub mod file;
 pub mod lock;
+pub mod luks;
 pub mod opts;
 pub mod qcow2;
 pub mod raw;
 pub mod registry;
 pub mod types;
 pub mod vhdx;
+pub mod vpc;
 
 pub use chain::{Chain, ChainExtent};
 pub use driver::{
-    Access, Action, BackingRef, CreateSpec, FormatDriver, Image, ImageWriter, OpenOptions,
-    Placement, Preallocation, SnapshotInfo, Ticket,
+    Access, Action, BackingRef, CreateSpec, Encryption, FormatDriver, Image, ImageWriter,
+    OpenOptions, Placement, Preallocation, SnapshotInfo, Ticket,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use extent::{Codec, Extent};

@@ -5,8 +5,13 @@ use crate::error::{Error, Result};
 use crate::file::FileLayer;
 
 /// Every format rimg implements.
-pub static DRIVERS: &[&dyn FormatDriver] =
-    &[&crate::raw::RAW, &crate::qcow2::QCOW2, &crate::vhdx::VHDX];
+pub static DRIVERS: &[&dyn FormatDriver] = &[
+    &crate::raw::RAW,
+    &crate::qcow2::QCOW2,
+    &crate::vpc::VPC,
+    &crate::luks::LUKS,
+    &crate::vhdx::VHDX,
+];
 
 /// Image formats qemu-img 10.x knows that rimg does not implement yet: named in a clear
 /// "not supported yet" error instead of qemu-img's "Unknown driver".
@@ -22,7 +27,6 @@ const QEMU_FORMATS: &[&str] = &[
     "dmg",
     "file",
     "host_device",
-    "luks",
     "nbd",
     "null-co",
     "null-aio",
@@ -35,7 +39,6 @@ const QEMU_FORMATS: &[&str] = &[
     "throttle",
     "vdi",
     "vmdk",
-    "vpc",
     "vvfat",
 ];
 

@@ -1,42 +1,81 @@
 //! Command line of the side-by-side harness: `--help` text, options, size parsing, default binaries.
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::inputs::Workload;
+use crate::workloads::{Workload, ALL};
 use crate::Result;
 
-/// `--help` text.
-pub(crate) const USAGE: &str = "\
-side-by-side: time rimg and qemu-img on the same raw-image workloads, alternately
+/// `--help` text (the workload list comes from the table).
+pub(crate) fn usage() -> String {
+    let mut u = String::from(
+        "\
+side-by-side: time rimg and qemu-img on the same workloads, alternately, and keep a history
 
 USAGE: side-by-side [OPTIONS]
+       (perf-scripts/side-by-side.sh compare|plot ... reads the history; see its --help)
 
 OPTIONS:
   --rimg PATH          rimg binary (default: $RIMG, else the rimg next to this binary,
                        else <workspace>/target/release/rimg)
-  --qemu-img PATH      qemu-img binary (default: qemu-img from PATH)
-  --dir DIR            scratch directory (default: a new directory under the system temp dir);
+  --qemu-img PATH      qemu-img binary (default: $QEMU_IMG, else qemu-img from PATH)
+  --quick              smoke test: --size 64M --runs 3 --startup-repeat 5, and the history
+                       goes to history-quick.jsonl (explicit options still win)
+  --size SIZE          image size, bytes or with a k/M/G/T suffix (default: 2G)
+  --text-size SIZE     size of the compressible text-like image (default: a quarter of --size)
+  --runs N             timed runs per tool and workload (default: 5)
+  --warmup N           untimed runs per tool before the timed ones (default: 1)
+  --startup-repeat N   runs of a startup-bound command per sample (default: 20); the sample
+                       is the time of one run
+  --workloads A,B,...  workloads to run (default: all); a name ending in * selects by prefix
+                       (bench-*, convert-qcow2*)
+  --drop-caches        drop the page cache before every timed run, whatever the workload says
+  --no-drop-caches     never drop it (cold workloads then run warm; recorded in the history)
+  --history FILE       append one JSON line per workload to FILE (default:
+                       <workspace>/perf-scripts/results/history.jsonl, or history-quick.jsonl
+                       with --quick); --json FILE is the same
+  --no-history         do not append to any history file
+  --dir DIR            scratch directory (default: a new directory under $TMPDIR, else /var/tmp);
                        the harness removes what it created there at the end unless --keep
   --keep               keep the scratch images and outputs
-  --size SIZE          image size, bytes or with a k/M/G/T suffix (default: 2G)
-  --runs N             timed runs per tool and workload (default: 5)
-  --warmup N           untimed runs per tool before the timed ones (default: 1); the first
-                       run after the inputs are written or the cache is cold is often an outlier
-  --workloads A,B,...  workloads to run (default: all), from:
-                         convert-dense          convert -f raw -O raw dense.raw out
-                         convert-sparse         convert -f raw -O raw sparse.raw out
-                         convert-dense-direct   the same with -t none -T none
-                         convert-sparse-direct  the same with -t none -T none
-                         compare-identical      compare -f raw -F raw dense.raw dense-copy.raw
-                         compare-sparse         compare -f raw -F raw sparse.raw sparse-copy.raw
-  --drop-caches        write 3 to /proc/sys/vm/drop_caches before each timed run (needs root)
-  --json FILE          append one JSON line per workload to FILE
   -h, --help           print this help
 
+WORKLOADS (cold: the page cache is dropped before every timed run; warm: it is not):
+",
+    );
+    for w in ALL {
+        let _ = writeln!(
+            u,
+            "  {:<26} {}  {}{}",
+            w.name,
+            w.cache.name(),
+            w.args,
+            if w.startup { "  (startup-bound)" } else { "" }
+        );
+    }
+    u.push_str(
+        "
+@name is a generated input, @OUT.fmt each tool's output, @FRESH.qcow2 an empty qcow2 made
+before every run; %N4K = min(size/4k, 131072), %N1M = size/1M requests.
+
 Runs alternate: rimg first on odd runs, qemu-img first on even runs. Every convert output is checked
-once (first run) with `qemu-img compare`. The ratio is median(qemu-img) / median(rimg): above 1 means
-rimg is faster.
-";
+once with `qemu-img compare`. The ratio is median(qemu-img) / median(rimg): above 1 means rimg is
+faster.
+",
+    );
+    u
+}
+
+/// When to drop the page cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DropPolicy {
+    /// As each workload says (cold ones only).
+    PerWorkload,
+    /// Before every timed run.
+    Always,
+    /// Never.
+    Never,
+}
 
 /// Parsed command line.
 #[derive(Debug)]
@@ -49,18 +88,24 @@ pub(crate) struct Options {
     pub(crate) dir: Option<PathBuf>,
     /// Keep the scratch files at the end.
     pub(crate) keep: bool,
+    /// `--quick` was given.
+    pub(crate) quick: bool,
     /// Image size in bytes.
     pub(crate) size: u64,
+    /// Size of the text-like image in bytes.
+    pub(crate) text_size: u64,
     /// Timed runs per tool and workload.
     pub(crate) runs: usize,
     /// Untimed runs per tool before the timed ones.
     pub(crate) warmup: usize,
+    /// Runs per sample of a startup-bound workload.
+    pub(crate) startup_repeat: usize,
     /// Selected workloads, in run order.
-    pub(crate) workloads: Vec<Workload>,
-    /// Drop the page cache before each timed run.
-    pub(crate) drop_caches: bool,
-    /// JSON-lines results file.
-    pub(crate) json: Option<PathBuf>,
+    pub(crate) workloads: Vec<&'static Workload>,
+    /// When to drop the page cache.
+    pub(crate) drop: DropPolicy,
+    /// History file (JSON lines), if any.
+    pub(crate) history: Option<PathBuf>,
 }
 
 /// What the command line asked for.
@@ -71,18 +116,33 @@ pub(crate) enum Parsed {
     Help,
 }
 
+/// Parses a positive count for `flag`.
+fn count(flag: &str, v: &str, min: usize) -> Result<usize> {
+    let n: usize = v
+        .parse()
+        .map_err(|_| format!("{flag}: not a number: {v}"))?;
+    if n < min {
+        return Err(format!("{flag} must be at least {min}"));
+    }
+    Ok(n)
+}
+
 /// Parses the arguments after the program name. Accepts `--opt VALUE` and `--opt=VALUE`.
 pub(crate) fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed> {
     let mut rimg = None;
-    let mut qemu_img = PathBuf::from("qemu-img");
+    let mut qemu_img = None;
     let mut dir = None;
     let mut keep = false;
-    let mut size = 2 << 30;
-    let mut runs = 5;
+    let mut quick = false;
+    let mut size = None;
+    let mut text_size = None;
+    let mut runs = None;
     let mut warmup = 1;
-    let mut workloads = Workload::ALL.to_vec();
-    let mut drop_caches = false;
-    let mut json = None;
+    let mut startup_repeat = None;
+    let mut workloads: Vec<&'static Workload> = ALL.iter().collect();
+    let mut drop = DropPolicy::PerWorkload;
+    let mut history = None;
+    let mut no_history = false;
 
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -99,43 +159,41 @@ pub(crate) fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parse
         match flag.as_str() {
             "-h" | "--help" => return Ok(Parsed::Help),
             "--rimg" => rimg = Some(PathBuf::from(value()?)),
-            "--qemu-img" => qemu_img = PathBuf::from(value()?),
+            "--qemu-img" => qemu_img = Some(PathBuf::from(value()?)),
             "--dir" => dir = Some(PathBuf::from(value()?)),
             "--keep" => keep = true,
-            "--size" => size = parse_size(&value()?)?,
-            "--runs" => {
-                let v = value()?;
-                runs = v
-                    .parse()
-                    .map_err(|_| format!("--runs: not a number: {v}"))?;
-                if runs == 0 {
-                    return Err("--runs must be at least 1".into());
-                }
-            }
-            "--warmup" => {
-                let v = value()?;
-                warmup = v
-                    .parse()
-                    .map_err(|_| format!("--warmup: not a number: {v}"))?;
-            }
+            "--quick" => quick = true,
+            "--size" => size = Some(parse_size(&value()?)?),
+            "--text-size" => text_size = Some(parse_size(&value()?)?),
+            "--runs" => runs = Some(count("--runs", &value()?, 1)?),
+            "--warmup" => warmup = count("--warmup", &value()?, 0)?,
+            "--startup-repeat" => startup_repeat = Some(count("--startup-repeat", &value()?, 1)?),
             "--workloads" => {
                 let v = value()?;
                 workloads = Vec::new();
                 for name in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                    let w = Workload::from_name(name).ok_or_else(|| {
-                        let all: Vec<_> = Workload::ALL.iter().map(|w| w.name()).collect();
-                        format!("unknown workload {name:?} (known: {})", all.join(", "))
-                    })?;
-                    if !workloads.contains(&w) {
-                        workloads.push(w);
+                    let found = Workload::select(name);
+                    if found.is_empty() {
+                        let all: Vec<_> = ALL.iter().map(|w| w.name).collect();
+                        return Err(format!(
+                            "unknown workload {name:?} (known: {})",
+                            all.join(", ")
+                        ));
+                    }
+                    for w in found {
+                        if !workloads.iter().any(|o| o.name == w.name) {
+                            workloads.push(w);
+                        }
                     }
                 }
                 if workloads.is_empty() {
                     return Err("--workloads: no workload given".into());
                 }
             }
-            "--drop-caches" => drop_caches = true,
-            "--json" => json = Some(PathBuf::from(value()?)),
+            "--drop-caches" => drop = DropPolicy::Always,
+            "--no-drop-caches" => drop = DropPolicy::Never,
+            "--history" | "--json" => history = Some(PathBuf::from(value()?)),
+            "--no-history" => no_history = true,
             _ => return Err(format!("unknown argument {arg:?} (try --help)")),
         }
     }
@@ -143,17 +201,37 @@ pub(crate) fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parse
     let rimg = rimg
         .or_else(|| std::env::var_os("RIMG").map(PathBuf::from))
         .unwrap_or_else(default_rimg);
+    let qemu_img = qemu_img
+        .or_else(|| std::env::var_os("QEMU_IMG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("qemu-img"));
+    let size = size.unwrap_or(if quick { 64 << 20 } else { 2 << 30 });
+    let history = if no_history {
+        None
+    } else {
+        Some(history.unwrap_or_else(|| {
+            workspace_root()
+                .join("perf-scripts/results")
+                .join(if quick {
+                    "history-quick.jsonl"
+                } else {
+                    "history.jsonl"
+                })
+        }))
+    };
     Ok(Parsed::Run(Options {
         rimg,
         qemu_img,
         dir,
         keep,
+        quick,
         size,
-        runs,
+        text_size: text_size.unwrap_or((size / 4).max(1 << 20)),
+        runs: runs.unwrap_or(if quick { 3 } else { 5 }),
         warmup,
+        startup_repeat: startup_repeat.unwrap_or(if quick { 5 } else { 20 }),
         workloads,
-        drop_caches,
-        json,
+        drop,
+        history,
     }))
 }
 
@@ -236,10 +314,13 @@ mod tests {
             panic!("expected a run");
         };
         assert_eq!((o.runs, o.size), (3, 1 << 30));
-        assert_eq!(
-            o.workloads,
-            [Workload::CompareSparse, Workload::ConvertDense]
-        );
+        let names: Vec<_> = o.workloads.iter().map(|w| w.name).collect();
+        assert_eq!(names, ["compare-sparse", "convert-dense"]);
+        let Parsed::Run(q) = parse_args(["--quick".to_string()]).unwrap() else {
+            panic!("expected a run");
+        };
+        assert_eq!((q.runs, q.size, q.startup_repeat), (3, 64 << 20, 5));
+        assert!(q.history.unwrap().ends_with("history-quick.jsonl"));
         assert!(parse_args(["--runs".to_string()]).is_err());
         assert!(parse_args(["--bogus".to_string()]).is_err());
     }

@@ -239,6 +239,8 @@ pub fn run(args: &[String]) -> Result<i32> {
             format: Some(fmt.to_string()),
             no_lock: false,
             snapshot: None,
+            key_secret: None,
+            opts_name: None,
         }
     };
     if !no_create {
@@ -272,6 +274,13 @@ pub fn run(args: &[String]) -> Result<i32> {
             no_lock: tspec.no_lock,
             snapshot: None,
             check: false,
+            key: match topts.get("key-secret").or(topts.get("encrypt.key-secret")) {
+                Some(id) => Some(
+                    crate::common::secret(id)
+                        .ok_or_else(|| anyhow!("{tgt}: No secret with id '{id}'"))?,
+                ),
+                None => None,
+            },
         },
     )
     .map_err(|e| anyhow!(open_message(&tspec.path, e)))?;
@@ -303,7 +312,11 @@ pub fn run(args: &[String]) -> Result<i32> {
             writer: writer.as_mut(),
             offset: 0,
             // A new file reads as zeros; a block device does not (no zero-init).
-            is_zero: (!no_create && !target_backing && !tchain.top().files()[0].is_block_device())
+            // Encrypted zeros are not zeros on disk.
+            is_zero: (!no_create
+                && !target_backing
+                && !tchain.top().files()[0].is_block_device()
+                && !tchain.top().encrypted())
                 || o.has("target-is-zero"),
         },
         &ConvertOptions {

@@ -145,8 +145,13 @@ pub fn layer_json(l: &Layer) -> Value {
     if let Some(fs) = l.image.format_specific() {
         m.insert("format-specific".into(), fs);
     }
-    if let Some((name, full, _)) = &backing {
+    if let Some((_, full, _)) = &backing {
         m.insert("full-backing-filename".into(), json!(full));
+    }
+    if l.image.encrypted() {
+        m.insert("encrypted".into(), json!(true));
+    }
+    if let Some((name, _, _)) = &backing {
         m.insert("backing-filename".into(), json!(name));
     }
     m.insert("dirty-flag".into(), json!(l.image.dirty()));
@@ -165,6 +170,9 @@ fn layer_human(l: &Layer) -> String {
         vs = size_to_str(vsize),
         ds = size_to_str(alloc),
     );
+    if l.image.encrypted() {
+        s.push_str("encrypted: yes\n");
+    }
     if let Some(cs) = l.image.cluster_size() {
         s.push_str(&format!("cluster_size: {cs}\n"));
     }

@@ -82,6 +82,12 @@ impl Entry {
                 e.offset = Some(host.0);
                 e.file.1 = file.0;
             }
+            Extent::DataHole { host, file, .. } => {
+                e.data = true;
+                e.zero = true;
+                e.offset = Some(host.0);
+                e.file.1 = file.0;
+            }
             Extent::Zero { at, .. } => {
                 e.zero = true;
                 e.offset = at.map(|(_, h)| h.0);
@@ -277,6 +283,10 @@ fn collect(chain: &Chain, start: u64, end: u64) -> Result<Vec<Entry>> {
                 e.zero = false;
                 e.data = true;
                 e.compressed = false;
+                e.offset = None;
+            }
+            // QEMU gives no host offset for encrypted data.
+            if ce.depth < layers && chain.layers()[ce.depth].image.encrypted() {
                 e.offset = None;
             }
             pos += e.length;

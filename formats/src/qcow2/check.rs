@@ -57,10 +57,9 @@ impl Qcow2Image {
         let cs = h.cluster_size();
         let file_len = f.len()?;
         let external = self.ext.data_file.is_some();
-        if self.ext.bitmaps.is_some() || h.crypt_method != 0 {
+        if self.ext.bitmaps.is_some() || h.crypt_method > 2 {
             return Err(Error::Unsupported(
-                "checking qcow2 images with bitmaps or encryption is not supported by rimg yet"
-                    .into(),
+                "checking qcow2 images with bitmaps is not supported by rimg yet".into(),
             ));
         }
         let mut refs: HashMap<u64, u64> = HashMap::new();
@@ -73,6 +72,10 @@ impl Qcow2Image {
             }
         };
         add(0, cs);
+        // The LUKS header (with its key material) lives in clusters of its own.
+        if let (2, Some((off, len))) = (h.crypt_method, self.ext.crypto) {
+            add(off, len);
+        }
         let mut rep = CheckReport {
             total_clusters: h.size.div_ceil(cs),
             ..Default::default()

@@ -51,6 +51,9 @@ pub(super) struct Qcow2Writer {
     pending: HashMap<u64, u64>,
     /// ticket -> guest clusters it published
     tickets: HashMap<u64, Vec<u64>>,
+    /// ticket -> (guest cluster, subcluster bits) newly written in clusters that were
+    /// allocated already (extended L2)
+    subclusters: HashMap<u64, Vec<(u64, u32)>>,
     /// ticket -> (guest cluster, compressed L2 descriptor)
     compressed: HashMap<u64, (u64, u64)>,
     /// next free byte for compressed data, inside the last cluster taken for it
@@ -96,6 +99,7 @@ impl Qcow2Writer {
             refs,
             pending: HashMap::new(),
             tickets: HashMap::new(),
+            subclusters: HashMap::new(),
             compressed: HashMap::new(),
             byte_cursor: None,
             codec,
@@ -159,6 +163,42 @@ impl Qcow2Writer {
             }
         }
         Ok(self.l2.get_mut(&l1i))
+    }
+
+    /// For a write of `[in_c, in_c+n)` into allocated cluster `gc` of an extended-L2 image:
+    /// the subclusters it makes allocated, which `commit` publishes. Subclusters not yet
+    /// allocated must be written whole (their unwritten part would otherwise be undefined).
+    fn claim_subclusters(
+        &mut self,
+        gc: u64,
+        in_c: u64,
+        n: u64,
+        subs: &mut Vec<(u64, u32)>,
+    ) -> Result<()> {
+        let sc = self.cs / 32;
+        let (l1i, l2i) = (gc >> self.l2_bits, gc & ((1 << self.l2_bits) - 1));
+        let Some(t) = self.l2_table(l1i, false)? else {
+            return Ok(());
+        };
+        let allocated = t.words[l2i as usize * 2 + 1] as u32;
+        let (first, last) = (in_c / sc, (in_c + n - 1) / sc);
+        let mut bits = 0u32;
+        for i in first..=last {
+            if allocated & (1 << i) == 0 {
+                let whole = in_c <= i * sc && in_c + n >= (i + 1) * sc;
+                if !whole {
+                    return Err(Error::Unsupported(
+                        "writing part of an unallocated subcluster is not supported by rimg yet"
+                            .into(),
+                    ));
+                }
+                bits |= 1 << i;
+            }
+        }
+        if bits != 0 {
+            subs.push((gc, bits));
+        }
+        Ok(())
     }
 
     /// Host offset of guest cluster `gc` if it is allocated (plain data cluster).
@@ -481,13 +521,27 @@ impl ImageWriter for Qcow2Writer {
         let mut pos = off.0;
         let end = off.0 + len;
         let mut clusters = Vec::new();
+        let mut subs = Vec::new();
         while pos < end {
             let gc = pos / cs;
             let in_c = pos % cs;
             let n = (cs - in_c).min(end - pos);
             let host = match self.lookup(gc)? {
-                Some(h) => h,
+                Some(h) => {
+                    if self.ext_l2 && !self.pending.contains_key(&gc) {
+                        self.claim_subclusters(gc, in_c, n, &mut subs)?;
+                    }
+                    h
+                }
                 None => {
+                    if (in_c != 0 || n != cs.min(self.header.size - gc * cs))
+                        && self.header.backing_file_offset != 0
+                    {
+                        return Err(Error::Unsupported(
+                            "writing part of an unallocated cluster over a backing file is not supported by rimg yet"
+                                .into(),
+                        ));
+                    }
                     let h = if self.external {
                         gc * cs
                     } else {
@@ -519,6 +573,9 @@ impl ImageWriter for Qcow2Writer {
         let t = self.next_ticket;
         self.next_ticket += 1;
         self.tickets.insert(t, clusters);
+        if !subs.is_empty() {
+            self.subclusters.insert(t, subs);
+        }
         Ok(Ticket(t))
     }
 
@@ -540,6 +597,15 @@ impl ImageWriter for Qcow2Writer {
                 table.words[l2i as usize * wpe] = desc;
                 table.dirty = true;
                 continue;
+            }
+            for (gc, bits) in self.subclusters.remove(&t.0).unwrap_or_default() {
+                let (l1i, l2i) = (gc >> self.l2_bits, gc & ((1 << self.l2_bits) - 1));
+                let table = self
+                    .l2_table(l1i, true)?
+                    .ok_or_else(|| Error::Unsupported("L2 table allocation failed".into()))?;
+                let w = &mut table.words[l2i as usize * wpe + 1];
+                *w = (*w | bits as u64) & !((bits as u64) << 32);
+                table.dirty = true;
             }
             let Some(clusters) = self.tickets.remove(&t.0) else {
                 continue;
