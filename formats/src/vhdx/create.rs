@@ -94,8 +94,8 @@ struct Params {
     zero_blocks: bool,
 }
 
-fn invalid(path: &str, msg: &str) -> Error {
-    let _ = path;
+/// A refused value, worded as QEMU words it (the CLI prefixes the file name).
+fn invalid(msg: &str) -> Error {
     Error::InvalidArgument(msg.to_string())
 }
 
@@ -103,15 +103,13 @@ fn invalid(path: &str, msg: &str) -> Error {
 /// 512 bytes and 1 MiB, `block_size=0` chosen from the size).
 fn params(spec: &CreateSpec) -> Result<Params> {
     let o = &spec.options;
-    let p = &spec.path;
     let fixed = match o.get("subformat") {
         None | Some("dynamic") => false,
         Some("fixed") => true,
         Some(v) => {
-            return Err(invalid(
-                p,
-                &format!("Parameter 'subformat' does not accept value '{v}'"),
-            ))
+            return Err(invalid(&format!(
+                "Parameter 'subformat' does not accept value '{v}'"
+            )))
         }
     };
     let zero_blocks = o
@@ -129,13 +127,13 @@ fn params(spec: &CreateSpec) -> Result<Params> {
         .unwrap_or(0)
         .min(BLOCK_SIZE_MAX);
     if size > MAX_SIZE {
-        return Err(invalid(p, "Image size too large; max of 64TB"));
+        return Err(invalid("Image size too large; max of 64TB"));
     }
     if log_size > u64::from(u32::MAX) {
-        return Err(invalid(p, "Log size must be smaller than 4 GB"));
+        return Err(invalid("Log size must be smaller than 4 GB"));
     }
     if log_size < MIB {
-        return Err(invalid(p, "Log size must be a multiple of 1 MB"));
+        return Err(invalid("Log size must be a multiple of 1 MB"));
     }
     if block_size == 0 {
         block_size = if size > 32 << 40 {
@@ -149,7 +147,7 @@ fn params(spec: &CreateSpec) -> Result<Params> {
         };
     }
     if !block_size.is_power_of_two() {
-        return Err(invalid(p, "Block size must be a power of two"));
+        return Err(invalid("Block size must be a power of two"));
     }
     Ok(Params {
         size,
