@@ -2,7 +2,7 @@
 //!
 //! A 64 TiB image with 1 MiB blocks has a 512 MiB BAT; `info` runs under a 1 GiB address
 //! space limit in OpenStack. So the BAT is read in chunks of 64 Ki entries (512 KiB) as
-//! lookups need them, at most [`MAX_CHUNKS`] kept at once; chunks the writer changed stay.
+//! lookups need them, at most `MAX_CHUNKS` kept at once; chunks the writer changed stay.
 //! Entries past the end of the file read as zero (not present), as QEMU reads them.
 
 use std::collections::{HashMap, HashSet};
