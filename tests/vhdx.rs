@@ -251,6 +251,9 @@ fn vhdx_create_matches_qemu() {
         ("foo=bar", "1M"),
         ("", "65T"),
         ("help", "1M"),
+        ("preallocation=full", "8M"),
+        ("subformat=fixed,preallocation=falloc", "8M"),
+        ("nocow=on,extent_size_hint=1M", "8M"),
     ] {
         let mut args = vec!["create", "-f", "vhdx"];
         if !opts.is_empty() {
@@ -272,7 +275,7 @@ fn vhdx_create_matches_qemu() {
         c.check(chk.ok(), || format!("qemu-img check\n{}", chk.describe()));
         // qemu-img reads every byte of a vhdx (it has no allocation status): compare the
         // small ones only.
-        if ["0", "1000", "24M", "30M", "64M"].contains(&size) {
+        if ["0", "1000", "8M", "24M", "30M", "64M"].contains(&size) {
             let r = t.r.join("new.vhdx");
             let cmp = t.q.qemu(&["compare", "new.vhdx", r.to_str().unwrap()]);
             c.check(cmp.ok(), || format!("qemu-img compare\n{}", cmp.describe()));
@@ -283,6 +286,21 @@ fn vhdx_create_matches_qemu() {
         for f in [&t.q, &t.r] {
             let _ = std::fs::remove_file(f.join("new.vhdx"));
         }
+    }
+    // What vhdx cannot do, worded as qemu-img words it.
+    t.each(|d| {
+        d.qemu(&["create", "-q", "-f", "raw", "base.raw", "1M"])
+            .assert_ok();
+    });
+    for args in [
+        vec![
+            "create", "-f", "vhdx", "-b", "base.raw", "-F", "raw", "ov.vhdx", "1M",
+        ],
+        vec!["convert", "-c", "-O", "vhdx", "base.raw", "c.vhdx"],
+        vec!["measure", "-O", "vhdx", "--size", "1G"],
+        vec!["create", "-f", "vhdx", "-o", "help"],
+    ] {
+        c.same(&t.run(&args));
     }
 }
 
