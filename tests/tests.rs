@@ -27,5 +27,6 @@ mod qcow2_read;
 mod qcow2_write;
 mod quiet_stderr;
 mod resize;
+mod vhdx;
 mod vmdk;
 mod vpc;

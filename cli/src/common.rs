@@ -120,6 +120,7 @@ impl ImageSpec {
             force_share,
             no_lock: self.no_lock,
             snapshot: self.snapshot.clone(),
+            check: false,
             key: self.key()?,
         };
         let (image, probed) =
@@ -130,11 +131,18 @@ impl ImageSpec {
 
     /// Open the image's whole chain for `access`.
     pub fn open_chain(&self, access: Access, force_share: bool) -> Result<Chain> {
+        self.open_chain_for(access, force_share, false)
+    }
+
+    /// Open the image's whole chain for `access`; `check` opens it for `check` (QEMU's
+    /// BDRV_O_CHECK: problems are left for the check to report).
+    pub fn open_chain_for(&self, access: Access, force_share: bool, check: bool) -> Result<Chain> {
         let opts = OpenOptions {
             access,
             force_share,
             no_lock: self.no_lock,
             snapshot: self.snapshot.clone(),
+            check,
             key: self.key()?,
         };
         let chain = Chain::open(&self.path, self.format.as_deref(), &opts)

@@ -47,13 +47,23 @@ pub struct CompareOptions<'a> {
 /// What QEMU's block layer would say of a range starting at `off`: (allocated, data, zero,
 /// eof). `eof` is QEMU's BDRV_BLOCK_EOF: the range runs to the end of the image, which
 /// strict mode compares too (a hole to the end differs from a hole followed by data).
-fn status(ce: &ChainExtent, layers: usize, off: u64, size: u64) -> (bool, bool, bool, bool) {
+/// A layer QEMU has no allocation status for (vhdx: [`rimg_formats::Image::opaque_allocation`])
+/// is allocated data everywhere with no offset (the fifth flag), and answers a query for
+/// everything up to the end of the image at once: as the top layer it always says `eof`.
+fn status(ce: &ChainExtent, c: &Chain, off: u64, size: u64) -> (bool, bool, bool, bool, bool) {
+    let layers = c.layers().len();
     let eof = off + ce.extent.len() >= size;
+    if c.layers()
+        .get(ce.depth)
+        .is_some_and(|l| l.image.opaque_allocation())
+    {
+        return (true, true, false, ce.depth == 0 || eof, true);
+    }
     match ce.extent {
-        Extent::Data { .. } | Extent::Compressed { .. } => (true, true, false, eof),
-        Extent::Zero { .. } => (true, false, true, eof),
-        Extent::DataHole { .. } => (true, true, true, eof),
-        _ => (ce.depth < layers, false, true, eof),
+        Extent::Data { .. } | Extent::Compressed { .. } => (true, true, false, eof, false),
+        Extent::Zero { .. } => (true, false, true, eof, false),
+        Extent::DataHole { .. } => (true, true, true, eof, false),
+        _ => (ce.depth < layers, false, true, eof, false),
     }
 }
 
@@ -126,10 +136,7 @@ pub fn compare(
         }
         let (xa, xb) = (&ea[ia], &eb[ib]);
         let n = xa.extent.len().min(xb.extent.len()).min(common - off);
-        let (st_a, st_b) = (
-            status(xa, a.layers().len(), off, sa),
-            status(xb, b.layers().len(), off, sb),
-        );
+        let (st_a, st_b) = (status(xa, a, off, sa), status(xb, b, off, sb));
         if opts.strict && st_a != st_b {
             status_mismatch = Some(off);
             break;

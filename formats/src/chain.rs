@@ -110,6 +110,7 @@ impl Chain {
                 force_share: opts.force_share,
                 no_lock: opts.no_lock,
                 snapshot: None,
+                check: false,
                 key: None,
             };
             let (image, probed) = open_image(&resolved, backing.format.as_deref(), &bopts)

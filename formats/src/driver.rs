@@ -93,6 +93,9 @@ pub struct OpenOptions {
     pub no_lock: bool,
     /// read this internal snapshot instead of the active image (`convert -l`); read-only
     pub snapshot: Option<String>,
+    /// opened by `check` (QEMU's BDRV_O_CHECK): inconsistencies that would refuse the open
+    /// are left for [`Image::check`] to report
+    pub check: bool,
     /// the key secret of an encrypted image (`encrypt.key-secret`), as bytes
     pub key: Option<Vec<u8>>,
 }
@@ -284,6 +287,18 @@ pub trait Image: Send + Sync {
     /// exit 63).
     fn check(&self) -> Option<Result<crate::qcow2::CheckReport>> {
         None
+    }
+    /// Whether `check -r` is done by this driver: opening the image read-write repaired
+    /// what there was to repair, and [`Image::check`] reports it in `corruptions_fixed` /
+    /// `leaks_fixed` (vhdx: the log is replayed on open).
+    fn check_repairs(&self) -> bool {
+        false
+    }
+    /// Whether QEMU reports no allocation status for this format (no `block_status`): `map`
+    /// then shows every range of this layer as present data with no offset, whatever the
+    /// extents say. The extents still tell the engine where the bytes are.
+    fn opaque_allocation(&self) -> bool {
+        false
     }
     /// The internal snapshots, in table order.
     fn snapshots(&self) -> Vec<SnapshotInfo> {

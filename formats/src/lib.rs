@@ -15,7 +15,7 @@
 //! - [`chain`]: backing chains, opened through a gate (depth limit, loop detection).
 //! - [`registry`]: the driver list and format probing.
 //! - [`opts`]: `-o` option strings and qemu-img's size syntax.
-//! - one module per format: [`raw`], [`qcow2`], [`vmdk`], [`vpc`], [`luks`].
+//! - one module per format: [`raw`], [`qcow2`], [`vmdk`], [`vpc`], [`vhdx`], [`luks`].
 #![deny(missing_docs)]
 
 pub mod chain;
@@ -31,6 +31,7 @@ pub mod qcow2;
 pub mod raw;
 pub mod registry;
 pub mod types;
+pub mod vhdx;
 pub mod vmdk;
 pub mod vpc;
 

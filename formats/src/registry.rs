@@ -11,6 +11,7 @@ pub static DRIVERS: &[&dyn FormatDriver] = &[
     &crate::vmdk::VMDK,
     &crate::vpc::VPC,
     &crate::luks::LUKS,
+    &crate::vhdx::VHDX,
 ];
 
 /// Image formats qemu-img 10.x knows that rimg does not implement yet: named in a clear
@@ -38,7 +39,6 @@ const QEMU_FORMATS: &[&str] = &[
     "snapshot-access",
     "throttle",
     "vdi",
-    "vhdx",
     "vvfat",
 ];
 

@@ -78,13 +78,14 @@ pub fn run(args: &[String]) -> Result<i32> {
         crate::common::source_cache_mode(t)?;
     }
     let spec = ImageSpec::resolve(&o.pos[0], o.get("format"), o.has("image-opts"))?;
-    let chain = spec.open_chain(
+    let chain = spec.open_chain_for(
         if o.has("repair") {
             Access::Write
         } else {
             Access::Read
         },
         o.has("force-share"),
+        true,
     )?;
     let quiet = o.has("quiet");
     let json = output_format("check", o.get("output"))?;
@@ -92,20 +93,40 @@ pub fn run(args: &[String]) -> Result<i32> {
         report("This image format does not support checks");
         return Ok(63);
     };
-    if o.has("repair") {
-        if result.as_ref().is_ok_and(|r| r.no_repair) {
-            report("This image format does not support checks");
-            return Ok(63);
-        }
+    if o.has("repair") && result.as_ref().is_ok_and(|r| r.no_repair) {
+        report("This image format does not support checks");
+        return Ok(63);
+    }
+    if o.has("repair") && !chain.top().check_repairs() {
         anyhow::bail!("repairing images is not supported by rimg yet");
     }
-    let r = match result {
+    let mut r = match result {
         Ok(r) => r,
         Err(e) => {
             report(&format!("Check failed: {e}"));
             return Ok(1);
         }
     };
+    if r.corruptions_fixed > 0 || r.leaks_fixed > 0 {
+        // qemu-img reports the repairs, then checks the repaired image again.
+        if !json && !quiet {
+            print!(
+                "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
+                r.leaks_fixed, r.corruptions_fixed
+            );
+        }
+        let (cf, lf) = (r.corruptions_fixed, r.leaks_fixed);
+        r = match chain.top().check() {
+            Some(Ok(again)) => again,
+            Some(Err(e)) => {
+                report(&format!("Check failed: {e}"));
+                return Ok(1);
+            }
+            None => r,
+        };
+        r.corruptions_fixed = cf;
+        r.leaks_fixed = lf;
+    }
     for m in &r.messages {
         eprintln!("{m}");
     }
@@ -116,23 +137,31 @@ pub fn run(args: &[String]) -> Result<i32> {
     let path = &chain.layers()[0].filename;
     if json {
         let mut m = serde_json::Map::new();
-        if !r.no_stats {
+        // Keys in the order QEMU's QDict prints them; zero counts are left out as QEMU
+        // leaves them out.
+        if !r.no_stats && r.image_end_offset > 0 {
             m.insert("image-end-offset".into(), r.image_end_offset.into());
         }
         if r.compressed_clusters > 0 {
             m.insert("compressed-clusters".into(), r.compressed_clusters.into());
         }
-        if !r.no_stats {
+        if !r.no_stats && r.total_clusters > 0 {
             m.insert("total-clusters".into(), r.total_clusters.into());
         }
         if r.corruptions > 0 {
             m.insert("corruptions".into(), r.corruptions.into());
         }
+        if r.corruptions_fixed > 0 {
+            m.insert("corruptions-fixed".into(), r.corruptions_fixed.into());
+        }
         m.insert("check-errors".into(), r.check_errors.into());
         if r.leaks > 0 {
             m.insert("leaks".into(), r.leaks.into());
         }
-        if !r.no_stats {
+        if r.leaks_fixed > 0 {
+            m.insert("leaks-fixed".into(), r.leaks_fixed.into());
+        }
+        if !r.no_stats && r.allocated_clusters > 0 {
             m.insert("allocated-clusters".into(), r.allocated_clusters.into());
         }
         m.insert("filename".into(), path.clone().into());
@@ -162,7 +191,7 @@ pub fn run(args: &[String]) -> Result<i32> {
                 ));
             }
         }
-        if r.total_clusters > 0 {
+        if !r.no_stats && r.total_clusters > 0 && r.allocated_clusters > 0 {
             let pct = |n: u64| n as f64 * 100.0 / r.total_clusters as f64;
             let frag = if r.allocated_clusters > 0 {
                 r.fragmented_clusters as f64 * 100.0 / r.allocated_clusters as f64
@@ -183,7 +212,7 @@ pub fn run(args: &[String]) -> Result<i32> {
                 comp
             ));
         }
-        if !r.no_stats {
+        if !r.no_stats && r.image_end_offset > 0 {
             s.push_str(&format!("Image end offset: {}\n", r.image_end_offset));
         }
         print!("{s}");

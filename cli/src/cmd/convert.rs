@@ -273,6 +273,7 @@ pub fn run(args: &[String]) -> Result<i32> {
             force_share: false,
             no_lock: tspec.no_lock,
             snapshot: None,
+            check: false,
             key: match topts.get("key-secret").or(topts.get("encrypt.key-secret")) {
                 Some(id) => Some(
                     crate::common::secret(id)

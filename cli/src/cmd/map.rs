@@ -242,6 +242,30 @@ pub fn run(args: &[String]) -> Result<i32> {
 
 fn collect(chain: &Chain, start: u64, end: u64) -> Result<Vec<Entry>> {
     let layers = chain.layers().len();
+    // Formats QEMU reports no allocation status for show as data with no offset.
+    let opaque: Vec<bool> = chain
+        .layers()
+        .iter()
+        .map(|l| l.image.opaque_allocation())
+        .collect();
+    if opaque[0] {
+        // The top layer answers for everything; QEMU never looks at its tables here.
+        return Ok(if start < end {
+            vec![Entry {
+                start,
+                length: end - start,
+                depth: 0,
+                present: true,
+                zero: false,
+                data: true,
+                compressed: false,
+                offset: None,
+                file: (0, 0),
+            }]
+        } else {
+            Vec::new()
+        });
+    }
     let mut entries: Vec<Entry> = Vec::new();
     let mut off = start;
     let mut exts = Vec::new();
@@ -254,6 +278,13 @@ fn collect(chain: &Chain, start: u64, end: u64) -> Result<Vec<Entry>> {
         let mut pos = off;
         for ce in &exts {
             let mut e = Entry::from_chain(ce, pos, layers);
+            if opaque.get(ce.depth).copied().unwrap_or(false) {
+                e.present = true;
+                e.zero = false;
+                e.data = true;
+                e.compressed = false;
+                e.offset = None;
+            }
             // QEMU gives no host offset for encrypted data.
             if ce.depth < layers && chain.layers()[ce.depth].image.encrypted() {
                 e.offset = None;

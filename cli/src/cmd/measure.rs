@@ -165,6 +165,16 @@ fn data_ranges(chain: &rimg_formats::Chain) -> Result<Vec<(u64, u64)>> {
         };
         for ce in &exts {
             let len = ce.extent.len();
+            let opaque = chain
+                .layers()
+                .get(ce.depth)
+                .is_some_and(|l| l.image.opaque_allocation());
+            if opaque {
+                // QEMU has no allocation status for this layer: all of it is data.
+                push(&mut out, pos, len);
+                pos += len;
+                continue;
+            }
             match ce.extent {
                 rimg_formats::Extent::Compressed { .. } => push(&mut out, pos, len),
                 rimg_formats::Extent::Data { file, host, .. } => {

@@ -22,6 +22,10 @@ pub struct CheckReport {
     pub leaks: u64,
     /// errors while checking
     pub check_errors: u64,
+    /// corruptions repaired (by `check -r`)
+    pub corruptions_fixed: u64,
+    /// leaks repaired (by `check -r`)
+    pub leaks_fixed: u64,
     /// one line per finding, as QEMU prints them on stderr
     pub messages: Vec<String>,
     /// guest clusters in the virtual disk
