@@ -52,11 +52,17 @@ pub(crate) enum Input {
     Small,
     /// `bench-w.raw`: the target of `bench -w` on raw, fully allocated (`preallocation=full`).
     BenchW,
+    /// `dense.vmdk`: `qemu-img convert -O vmdk dense.raw` (monolithicSparse).
+    DenseVmdk,
+    /// `text-stream.vmdk`: `qemu-img convert -O vmdk -o subformat=streamOptimized text.raw`.
+    TextStreamVmdk,
+    /// `dense.vhdx`: `qemu-img convert -O vhdx dense.raw` (dynamic).
+    DenseVhdx,
 }
 
 impl Input {
     /// Every input, in generation order (an input's prerequisites come before it).
-    pub(crate) const ALL: [Input; 12] = [
+    pub(crate) const ALL: [Input; 15] = [
         Input::Dense,
         Input::Sparse,
         Input::Text,
@@ -69,6 +75,9 @@ impl Input {
         Input::TextZstd,
         Input::Small,
         Input::BenchW,
+        Input::DenseVmdk,
+        Input::TextStreamVmdk,
+        Input::DenseVhdx,
     ];
 
     /// The file name in the scratch directory (what workloads write after `@`).
@@ -86,6 +95,9 @@ impl Input {
             Input::TextZstd => "text-zstd.qcow2",
             Input::Small => "small.qcow2",
             Input::BenchW => "bench-w.raw",
+            Input::DenseVmdk => "dense.vmdk",
+            Input::TextStreamVmdk => "text-stream.vmdk",
+            Input::DenseVhdx => "dense.vhdx",
         }
     }
 
@@ -94,10 +106,15 @@ impl Input {
         Input::ALL.into_iter().find(|i| i.file() == file)
     }
 
-    /// The image format of the file (`raw` or `qcow2`).
+    /// The image format of the file (from its extension).
     pub(crate) fn format(self) -> &'static str {
-        if self.file().ends_with(".qcow2") {
+        let f = self.file();
+        if f.ends_with(".qcow2") {
             "qcow2"
+        } else if f.ends_with(".vmdk") {
+            "vmdk"
+        } else if f.ends_with(".vhdx") {
+            "vhdx"
         } else {
             "raw"
         }
@@ -106,8 +123,10 @@ impl Input {
     /// Inputs this one is made from.
     fn prerequisites(self) -> &'static [Input] {
         match self {
-            Input::DenseQcow2 => &[Input::Dense],
-            Input::TextQcow2 | Input::TextZlib | Input::TextZstd => &[Input::Text],
+            Input::DenseQcow2 | Input::DenseVmdk | Input::DenseVhdx => &[Input::Dense],
+            Input::TextQcow2 | Input::TextZlib | Input::TextZstd | Input::TextStreamVmdk => {
+                &[Input::Text]
+            }
             _ => &[],
         }
     }
@@ -119,7 +138,10 @@ impl Input {
             | Input::DenseCopy
             | Input::DenseEnd
             | Input::DenseQcow2
+            | Input::DenseVmdk
+            | Input::DenseVhdx
             | Input::BenchW => opts.size,
+            Input::TextStreamVmdk => opts.text_size / 2,
             Input::Sparse | Input::SparseCopy => opts.size / 4,
             Input::Text | Input::TextQcow2 => opts.text_size,
             Input::TextZlib | Input::TextZstd => opts.text_size / 2,
@@ -406,6 +428,28 @@ fn make(input: Input, opts: &Options, scratch: &Scratch) -> Result<()> {
         Input::TextQcow2 => qemu_img(
             opts,
             &["convert", "-f", "raw", "-O", "qcow2", &src(Input::Text), &p],
+        )?,
+        Input::DenseVmdk => qemu_img(
+            opts,
+            &["convert", "-f", "raw", "-O", "vmdk", &src(Input::Dense), &p],
+        )?,
+        Input::TextStreamVmdk => qemu_img(
+            opts,
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "vmdk",
+                "-o",
+                "subformat=streamOptimized",
+                &src(Input::Text),
+                &p,
+            ],
+        )?,
+        Input::DenseVhdx => qemu_img(
+            opts,
+            &["convert", "-f", "raw", "-O", "vhdx", &src(Input::Dense), &p],
         )?,
         Input::TextZlib => qemu_img(
             opts,

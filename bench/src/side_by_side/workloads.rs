@@ -98,6 +98,11 @@ pub(crate) static ALL: &[Workload] = &[
     w("convert-qcow2-zstd", Warm, "convert -c -o compression_type=zstd -f qcow2 -O qcow2 @text.qcow2 @OUT.qcow2"),
     w("convert-zlib-raw", Warm, "convert -f qcow2 -O raw @text-zlib.qcow2 @OUT.raw"),
     w("convert-zstd-raw", Warm, "convert -f qcow2 -O raw @text-zstd.qcow2 @OUT.raw"),
+    // VMware and Hyper-V sources and targets
+    w("convert-vmdk-qcow2", Warm, "convert -f vmdk -O qcow2 @dense.vmdk @OUT.qcow2"),
+    w("convert-stream-vmdk-raw", Warm, "convert -f vmdk -O raw @text-stream.vmdk @OUT.raw"),
+    w("convert-vhdx-qcow2", Warm, "convert -f vhdx -O qcow2 @dense.vhdx @OUT.qcow2"),
+    w("convert-raw-stream-vmdk", Warm, "convert -f raw -O vmdk -o subformat=streamOptimized @text.raw @OUT.vmdk"),
     // compare
     w("compare-identical", Warm, "compare -f raw -F raw @dense.raw @dense-copy.raw"),
     w("compare-sparse", Warm, "compare -f raw -F raw @sparse.raw @sparse-copy.raw"),
