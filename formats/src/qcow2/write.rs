@@ -60,7 +60,16 @@ pub(super) struct Qcow2Writer {
     byte_cursor: Option<u64>,
     codec: crate::extent::Codec,
     next_ticket: u64,
+    /// the image file's length as this writer left it (grown ahead of allocation)
+    file_len: u64,
+    /// its length when the writer started (never truncated below)
+    open_len: u64,
 }
+
+/// How far ahead of the allocation the image file is grown at once: writes inside the
+/// file's length do not extend it, which for O_DIRECT is the difference between an
+/// asynchronous write and a synchronous, serialised one on Linux file systems.
+const GROW_AHEAD: u64 = 32 << 20;
 
 impl Qcow2Writer {
     /// A writer for the image whose parsed header is `header` and active L1 is `l1`.
@@ -104,6 +113,13 @@ impl Qcow2Writer {
             byte_cursor: None,
             codec,
             next_ticket: 0,
+            file_len: 0,
+            open_len: 0,
+        })
+        .and_then(|mut w| {
+            w.file_len = w.file.len()?;
+            w.open_len = w.file_len;
+            Ok(w)
         })
     }
 
@@ -231,12 +247,46 @@ impl Qcow2Writer {
         Ok(None)
     }
 
+    /// Make the image file at least `end` bytes long, growing it well ahead.
+    fn reserve_file(&mut self, end: u64) -> Result<()> {
+        if self.external || end <= self.file_len {
+            return Ok(());
+        }
+        let new = end.max(self.file_len + GROW_AHEAD).div_ceil(self.cs) * self.cs;
+        // Allocated (as unwritten extents, reading as zeros), not just a longer size: data
+        // writes then only convert extents instead of allocating blocks one by one.
+        if self
+            .file
+            .fallocate(
+                crate::file::Falloc::Allocate,
+                self.file_len,
+                new - self.file_len,
+            )
+            .is_err()
+        {
+            self.file.set_len(new)?;
+        }
+        self.file_len = new;
+        Ok(())
+    }
+
+    /// Give back what [`Qcow2Writer::reserve_file`] grew beyond the last cluster.
+    fn trim_file(&mut self) -> Result<()> {
+        let keep = self.refs.next_free.max(self.open_len);
+        if self.file_len > keep {
+            self.file.set_len(keep)?;
+            self.file_len = keep;
+        }
+        Ok(())
+    }
+
     /// Write dirty metadata in dependency order and drop clean L2 tables from memory.
     fn write_metadata(&mut self) -> Result<()> {
         // Every allocated cluster must lie inside the file before anything points at it.
         let end = self.refs.next_free;
-        if self.file.len()? < end {
+        if self.file_len < end && self.file.len()? < end {
             self.file.set_len(end)?;
+            self.file_len = end;
         }
         self.refs.write_dirty()?;
         for t in self.l2.values_mut().filter(|t| t.dirty) {
@@ -466,6 +516,8 @@ impl ImageWriter for Qcow2Writer {
                 // Never written and never published: give the cluster back.
                 if let Some(h) = self.pending.remove(&gc) {
                     self.refs.set(h / cs, 0)?;
+                    // It may lie in space grown ahead: leave a hole, not allocated blocks.
+                    let _ = self.file.fallocate(crate::file::Falloc::PunchHole, h, cs);
                 }
             } else {
                 keep.push(gc);
@@ -492,6 +544,7 @@ impl ImageWriter for Qcow2Writer {
         }
         let cb = self.header.cluster_bits;
         let host = self.alloc_bytes(clen)?;
+        self.reserve_file(host + clen)?;
         // Sectors spanned, minus one, in the bits above the offset field.
         let x = 62 - (cb - 8);
         let sectors = (host + clen - 1) / 512 - host / 512 + 1;
@@ -545,7 +598,9 @@ impl ImageWriter for Qcow2Writer {
                     let h = if self.external {
                         gc * cs
                     } else {
-                        self.refs.alloc_cluster()?
+                        let h = self.refs.alloc_cluster()?;
+                        self.reserve_file(h + cs)?;
+                        h
                     };
                     self.pending.insert(gc, h);
                     clusters.push(gc);
@@ -695,6 +750,7 @@ impl ImageWriter for Qcow2Writer {
 
     fn close(mut self: Box<Self>) -> Result<()> {
         // Durability is the caller's cache mode: the engine syncs after `flush`.
-        self.write_metadata()
+        self.write_metadata()?;
+        self.trim_file()
     }
 }
