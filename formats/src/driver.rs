@@ -288,6 +288,13 @@ pub trait Image: Send + Sync {
     fn check(&self) -> Option<Result<crate::qcow2::CheckReport>> {
         None
     }
+    /// `check -r leaks` (`all` false) or `check -r all`: check and repair what can be
+    /// repaired, reporting the repairs in `leaks_fixed` / `corruptions_fixed` and the
+    /// per-cluster lines in `messages`. `None`: the format repairs nothing this way.
+    fn check_repair(&self, all: bool) -> Option<Result<crate::qcow2::CheckReport>> {
+        let _ = all;
+        None
+    }
     /// Whether `check -r` is done by this driver: opening the image read-write repaired
     /// what there was to repair, and [`Image::check`] reports it in `corruptions_fixed` /
     /// `leaks_fixed` (vhdx: the log is replayed on open).

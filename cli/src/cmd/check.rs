@@ -89,7 +89,11 @@ pub fn run(args: &[String]) -> Result<i32> {
     )?;
     let quiet = o.has("quiet");
     let json = output_format("check", o.get("output"))?;
-    let Some(result) = chain.top().check() else {
+    let repaired = o
+        .get("repair")
+        .and_then(|m| chain.top().check_repair(m == "all"));
+    let repairs_here = repaired.is_some();
+    let Some(result) = repaired.or_else(|| chain.top().check()) else {
         report("This image format does not support checks");
         return Ok(63);
     };
@@ -97,7 +101,7 @@ pub fn run(args: &[String]) -> Result<i32> {
         report("This image format does not support checks");
         return Ok(63);
     }
-    if o.has("repair") && !chain.top().check_repairs() {
+    if o.has("repair") && !repairs_here && !chain.top().check_repairs() {
         anyhow::bail!("repairing images is not supported by rimg yet");
     }
     let mut r = match result {
@@ -108,6 +112,10 @@ pub fn run(args: &[String]) -> Result<i32> {
         }
     };
     if r.corruptions_fixed > 0 || r.leaks_fixed > 0 {
+        // The lines of the repairing pass come first (qemu prints them as it goes).
+        for m in std::mem::take(&mut r.messages) {
+            eprintln!("{m}");
+        }
         // qemu-img reports the repairs, then checks the repaired image again.
         if !json && !quiet {
             print!(

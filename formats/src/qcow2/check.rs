@@ -3,7 +3,10 @@
 //! allocation statistics it prints. Read-only: repairs are not done here.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
+use super::header::Header;
+use super::refcount::Refcounts;
 use super::snapshot;
 use super::Qcow2Image;
 use crate::error::{Error, Result};
@@ -61,6 +64,14 @@ fn read_table(f: &FileLayer, off: u64, n: usize, what: &str) -> Result<Vec<u64>>
 impl Qcow2Image {
     /// Check the image's reference counts.
     pub fn check_refcounts(&self) -> Result<CheckReport> {
+        self.check_refcounts_repair(None)
+    }
+
+    /// Check the reference counts and, with `repair` (`Some(all)`), repair leaks as
+    /// `qemu-img check -r leaks|all` does: each leaked cluster's refcount is set to its
+    /// references and a cluster left unused is discarded. An image with corruptions is
+    /// refused unchanged (QEMU rebuilds the refcount structures then; rimg does not yet).
+    pub fn check_refcounts_repair(&self, repair: Option<bool>) -> Result<CheckReport> {
         let h = &self.header;
         let f = &self.files[0];
         let cs = h.cluster_size();
@@ -206,6 +217,8 @@ impl Qcow2Image {
             })
         };
         let mut cache = HashMap::new();
+        let mut fixes: Vec<(u64, u64)> = Vec::new();
+        let mut fixer: Option<Refcounts> = None;
         let max_cluster = file_len
             .div_ceil(cs)
             .max(refs.keys().max().map_or(0, |m| m + 1));
@@ -225,7 +238,20 @@ impl Qcow2Image {
                 rep.messages.push(format!(
                     "{kind} cluster {c} refcount={stored} reference={reference}"
                 ));
-                if stored < reference {
+                // Leaks only: QEMU rebuilds the refcount structures for corruptions,
+                // which rimg does not do yet.
+                let fix = repair.is_some() && stored > reference;
+                if fix {
+                    rep.messages.push(format!(
+                        "Repairing cluster {c} refcount={stored} reference={reference}"
+                    ));
+                    fixes.push((c, reference));
+                    if stored < reference {
+                        rep.corruptions_fixed += 1;
+                    } else {
+                        rep.leaks_fixed += 1;
+                    }
+                } else if stored < reference {
                     rep.corruptions += 1;
                 } else {
                     rep.leaks += 1;
@@ -252,6 +278,43 @@ impl Qcow2Image {
             }
         }
         rep.image_end_offset = highest * cs;
+        if repair.is_some() && rep.corruptions > 0 {
+            return Err(Error::Unsupported(
+                "repairing qcow2 images with corruptions is not supported by rimg yet; nothing was changed".into(),
+            ));
+        }
+        if !fixes.is_empty() {
+            let refs = fixer_get(&mut fixer, f, h)?;
+            for &(c, v) in &fixes {
+                refs.set(c, v)?;
+            }
+            refs.write_dirty()?;
+            // A cluster no longer in use is discarded, as QEMU discards freed clusters.
+            for &(c, v) in &fixes {
+                if v == 0 {
+                    let _ = f.fallocate(crate::file::Falloc::PunchHole, c * cs, cs);
+                }
+            }
+            f.sync()?;
+        }
         Ok(rep)
     }
+}
+
+/// The writable refcount structures, loaded on first use.
+fn fixer_get<'a>(
+    fixer: &'a mut Option<Refcounts>,
+    f: &Arc<FileLayer>,
+    h: &Header,
+) -> Result<&'a mut Refcounts> {
+    if fixer.is_none() {
+        *fixer = Some(Refcounts::load(
+            f.clone(),
+            h.cluster_size(),
+            h.refcount_order,
+            h.refcount_table_offset,
+            h.refcount_table_clusters,
+        )?);
+    }
+    Ok(fixer.as_mut().expect("just loaded"))
 }

@@ -299,6 +299,13 @@ impl Image for Qcow2Image {
         Some(self.check_refcounts())
     }
 
+    fn check_repair(&self, all: bool) -> Option<Result<CheckReport>> {
+        if !self.write {
+            return None;
+        }
+        Some(self.check_refcounts_repair(Some(all)))
+    }
+
     fn snapshots(&self) -> Vec<crate::driver::SnapshotInfo> {
         self.snapshots.clone()
     }
