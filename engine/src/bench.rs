@@ -285,6 +285,9 @@ pub fn run(
             Ordering::Relaxed,
         );
     }
+    // The run ends when the last request completes; closing the image (metadata, the final
+    // flush) comes after, outside the figure, as qemu-img bench times it.
+    let elapsed = started.elapsed();
     pool.join();
     if let Some(e) = err {
         return Err(e);
@@ -297,7 +300,6 @@ pub fn run(
         w.close().map_err(Error::Format)?;
     }
     files.flush()?;
-    let elapsed = started.elapsed();
     let latency = merged.lock().unwrap_or_else(|e| e.into_inner()).clone();
     Ok(BenchResult {
         elapsed,
