@@ -206,3 +206,66 @@ fn luks_writes_that_qemu_reads() {
     });
     c.finish();
 }
+
+/// Damaged LUKS headers get qemu-img's message (with and without the key), and stay as
+/// they were.
+#[test]
+fn damaged_luks_refused_like_qemu() {
+    let twin = Twin::new();
+    let s = &twin.s;
+    s.qemu(&[
+        "create",
+        "-q",
+        "-f",
+        "luks",
+        "--object",
+        SECRET,
+        "-o",
+        "key-secret=sec0,iter-time=10",
+        "good.luks",
+        "4M",
+    ])
+    .assert_ok();
+    let good = std::fs::read(s.join("good.luks")).unwrap();
+    let patch = |name: &str, at: usize, bytes: &[u8]| {
+        let mut b = good.clone();
+        b[at..at + bytes.len()].copy_from_slice(bytes);
+        s.write_bytes(name, &b);
+    };
+    patch("version.luks", 6, &2u16.to_be_bytes());
+    patch("keylen.luks", 108, &100_000u32.to_be_bytes());
+    patch("stripes.luks", 208 + 44, &u32::MAX.to_be_bytes());
+    patch("slotoff.luks", 208 + 40, &0x7fff_ffffu32.to_be_bytes());
+    patch("header.luks", 208 + 40, &1u32.to_be_bytes());
+    patch("state.luks", 208 + 48, &7u32.to_be_bytes());
+    let mut c = Checks::new();
+    for name in [
+        "version.luks",
+        "keylen.luks",
+        "stripes.luks",
+        "slotoff.luks",
+        "header.luks",
+        "state.luks",
+    ] {
+        let before = s.state(name);
+        let img = format!("../s/{name}");
+        let opts = format!("driver=luks,file.filename=../s/{name},key-secret=sec0");
+        for args in [
+            vec!["info", "-f", "luks", img.as_str()],
+            vec![
+                "convert",
+                "--object",
+                SECRET,
+                "--image-opts",
+                &opts,
+                "-O",
+                "raw",
+                "o.raw",
+            ],
+        ] {
+            c.same(&twin.run(&args));
+        }
+        c.check(s.state(name) == before, || format!("{name} changed"));
+    }
+    c.finish();
+}

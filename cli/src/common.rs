@@ -155,13 +155,13 @@ impl ImageSpec {
 }
 
 impl ImageSpec {
-    /// The name an open error shows: the `--image-opts` string for a key that does not
-    /// unlock the image (QEMU names the node by its options there), else the path.
+    /// The name an open error shows: the `--image-opts` string for errors of the format
+    /// layer (QEMU names the node by its options there), else the path.
     fn error_name(&self, e: &rimg_formats::Error) -> &str {
+        use rimg_formats::Error as E;
         match (&self.opts_name, e) {
-            (Some(n), rimg_formats::Error::Unsupported(m)) if m.starts_with("Invalid password") => {
-                n
-            }
+            // Format-level errors name the node by its options, as qemu-img does.
+            (Some(n), E::Unsupported(_) | E::InvalidArgument(_) | E::Corrupt { .. }) => n,
             _ => &self.path,
         }
     }

@@ -170,13 +170,16 @@ impl FormatDriver for LuksDriver {
             ));
         }
         let path = file.path().to_string();
+        // QEMU asks for the key before it reads the header.
+        if opts.access != Access::Info && opts.key.is_none() {
+            return Err(Error::Unsupported(
+                "Parameter 'key-secret' is required for cipher".into(),
+            ));
+        }
         let mut b = vec![0u8; luks::HEADER_SIZE];
         let n = file.read_at_most(&mut b, 0, "LUKS header")?;
         b.truncate(n);
-        let header = LuksHeader::parse(&b).map_err(|what| Error::OpenWhy {
-            path: path.clone(),
-            why: what,
-        })?;
+        let header = LuksHeader::parse(&b).map_err(Error::Unsupported)?;
         let file_len = file.len()?.div_ceil(512) * 512;
         if header.payload_offset > file_len {
             return Err(Error::OpenWhy {

@@ -289,7 +289,7 @@ impl LuksHeader {
         }
         let version = u16::from_be_bytes([b[6], b[7]]);
         if version != 1 {
-            return Err(format!("Unsupported LUKS version {version}"));
+            return Err(format!("LUKS version {version} is not supported"));
         }
         let slots = (0..8)
             .map(|i| {
@@ -303,6 +303,48 @@ impl LuksHeader {
                 }
             })
             .collect();
+        // QEMU's checks of the key slots, in its order and words.
+        let key_bytes = be32(b, 108) as u64;
+        let payload_sectors = be32(b, 104) as u64;
+        let slot_at = |i: usize| &b[208 + i * 48..208 + (i + 1) * 48];
+        let span = |s: &[u8]| {
+            let start = be32(s, 40) as u64;
+            let len = (key_bytes * be32(s, 44) as u64).div_ceil(512);
+            (start, len)
+        };
+        for i in 0..8 {
+            let s = slot_at(i);
+            let (active, iters, stripes) = (be32(s, 0), be32(s, 4), be32(s, 44));
+            if stripes != 4000 {
+                return Err(format!(
+                    "Keyslot {i} is corrupted (stripes {} != 4000)",
+                    stripes as i32
+                ));
+            }
+            if active != SLOT_ACTIVE && active != 0x0000_dead {
+                return Err(format!("Keyslot {i} state (active/disable) is corrupted"));
+            }
+            if active == SLOT_ACTIVE && iters == 0 {
+                return Err(format!("Keyslot {i} iteration count is zero"));
+            }
+            let (start1, len1) = span(s);
+            if start1 < 4096 / 512 {
+                return Err(format!("Keyslot {i} is overlapping with the LUKS header"));
+            }
+            if start1 + len1 > payload_sectors {
+                return Err(format!(
+                    "Keyslot {i} is overlapping with the encrypted payload"
+                ));
+            }
+            for j in i + 1..8 {
+                let (start2, len2) = span(slot_at(j));
+                if start1 + len1 > start2 && start2 + len2 > start1 {
+                    return Err(format!(
+                        "Keyslots {i} and {j} are overlapping in the header"
+                    ));
+                }
+            }
+        }
         Ok(LuksHeader {
             cipher_name: cstr(&b[8..40]),
             cipher_mode: cstr(&b[40..72]),
@@ -451,8 +493,14 @@ mod tests {
         b[104..108].copy_from_slice(&4040u32.to_be_bytes());
         b[108..112].copy_from_slice(&64u32.to_be_bytes());
         b[164..168].copy_from_slice(&11635u32.to_be_bytes());
-        b[208..212].copy_from_slice(&SLOT_ACTIVE.to_be_bytes());
-        b[248..252].copy_from_slice(&8u32.to_be_bytes());
+        for i in 0..8 {
+            let s = 208 + i * 48;
+            let active = if i == 0 { SLOT_ACTIVE } else { 0x0000_dead };
+            b[s..s + 4].copy_from_slice(&active.to_be_bytes());
+            b[s + 4..s + 8].copy_from_slice(&1000u32.to_be_bytes());
+            b[s + 40..s + 44].copy_from_slice(&(8 + i as u32 * 504).to_be_bytes());
+            b[s + 44..s + 48].copy_from_slice(&4000u32.to_be_bytes());
+        }
         let h = LuksHeader::parse(&b).unwrap();
         assert_eq!(h.cipher_alg(), "aes-256");
         assert_eq!(h.payload_offset, 2_068_480);
@@ -461,6 +509,12 @@ mod tests {
         assert_eq!(j["ivgen-alg"], "plain64");
         assert_eq!(j["slots"][0]["key-offset"], 4096);
         assert!(LuksHeader::parse(&b[..100]).is_err());
+        let mut bad = b.clone();
+        bad[208 + 44..208 + 48].copy_from_slice(&4001u32.to_be_bytes());
+        assert_eq!(
+            LuksHeader::parse(&bad).unwrap_err(),
+            "Keyslot 0 is corrupted (stripes 4001 != 4000)"
+        );
     }
 
     #[test]
