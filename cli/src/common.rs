@@ -170,16 +170,11 @@ impl ImageSpec {
     fn key(&self) -> Result<Option<Vec<u8>>> {
         match &self.key_secret {
             None => Ok(None),
-            Some(id) => secret(id)
+            Some(id) => rimg_formats::crypto::secret(id)
                 .map(Some)
                 .ok_or_else(|| anyhow!("Could not open '{}': No secret with id '{id}'", self.path)),
         }
     }
-}
-
-/// The bytes of secret `id` (defined with `--object secret,...`).
-pub fn secret(id: &str) -> Option<Vec<u8>> {
-    rimg_formats::crypto::secret(id)
 }
 
 /// Keep a `secret` object's bytes.

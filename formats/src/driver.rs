@@ -379,6 +379,27 @@ pub enum Action {
     },
 }
 
+impl Action {
+    /// The cheapest way to make `len` bytes at `host` of `layer` (the image's file `file`)
+    /// read as zeros: written zeros on a block device, else a punched hole when `may_unmap`
+    /// allows deallocating, else a zeroed range that keeps its blocks.
+    pub fn zeroing(
+        layer: &FileLayer,
+        file: FileId,
+        host: HostOff,
+        len: u64,
+        may_unmap: bool,
+    ) -> Action {
+        if layer.is_block_device() {
+            Action::WriteZeroes { file, host, len }
+        } else if may_unmap {
+            Action::PunchHole { file, host, len }
+        } else {
+            Action::ZeroRange { file, host, len }
+        }
+    }
+}
+
 /// Identifies one allocation until it is committed or aborted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ticket(pub u64);

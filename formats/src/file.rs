@@ -219,6 +219,61 @@ impl FileLayer {
         Ok(done)
     }
 
+    /// Read `buf.len()` bytes at `off`; bytes past the end of the file read as zeros (as
+    /// QEMU's file layer returns them).
+    pub fn read_zero_filled(&self, buf: &mut [u8], off: u64, what: &str) -> Result<()> {
+        let n = self.read_at_most(buf, off, what)?;
+        buf[n..].fill(0);
+        Ok(())
+    }
+
+    /// Describe `len` bytes of this file (the image's file `fid`) from `host` as extents:
+    /// data runs as SEEK_DATA/SEEK_HOLE see them, and holes as `hole(host, len)` makes them.
+    /// Everything at or past `limit` (a length no larger than the file's) is a hole.
+    pub fn push_runs(
+        &self,
+        fid: crate::types::FileId,
+        host: u64,
+        len: u64,
+        limit: u64,
+        hole: impl Fn(u64, u64) -> crate::extent::Extent,
+        out: &mut Vec<crate::extent::Extent>,
+    ) -> Result<()> {
+        use crate::extent::{push_merged, Extent};
+        let end = host.saturating_add(len);
+        let data_end = end.min(limit);
+        let mut pos = host;
+        while pos < end {
+            let next = if pos < data_end {
+                self.next_data(pos)?
+            } else {
+                None
+            };
+            match next {
+                Some((s, e)) if s < data_end => {
+                    let s = s.max(pos);
+                    // A run that makes no progress: take the rest as data.
+                    let e = if e > s { e.min(data_end) } else { data_end };
+                    push_merged(out, hole(pos, s - pos));
+                    push_merged(
+                        out,
+                        Extent::Data {
+                            file: fid,
+                            host: crate::types::HostOff(s),
+                            len: e - s,
+                        },
+                    );
+                    pos = e;
+                }
+                _ => {
+                    push_merged(out, hole(pos, end - pos));
+                    pos = end;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Write all of `buf` at `off`; `what` names the structure for errors.
     pub fn write_all_at(&self, buf: &[u8], off: u64, what: &str) -> Result<()> {
         self.file

@@ -10,7 +10,7 @@ use crate::driver::{
     Ticket,
 };
 use crate::error::{Error, Result};
-use crate::extent::{push_merged, Extent};
+use crate::extent::Extent;
 use crate::file::{Falloc, FileLayer};
 use crate::opts::{OptKind, OptionDesc, OptionMap};
 use crate::types::{FileId, GuestOff, HostOff};
@@ -193,36 +193,7 @@ impl Image for RawImage {
             explicit: true,
             at: Some((FileId(0), HostOff(at))),
         };
-        let mut pos = off.0;
-        while pos < end {
-            let data_end_limit = end.min(self.file_len);
-            let next = if pos < self.file_len {
-                file.next_data(pos)?
-            } else {
-                None
-            };
-            match next {
-                Some((s, e)) if s < data_end_limit => {
-                    if s > pos {
-                        push_merged(out, zero(pos, s - pos));
-                    }
-                    let e = e.min(data_end_limit);
-                    push_merged(
-                        out,
-                        Extent::Data {
-                            file: FileId(0),
-                            host: HostOff(s),
-                            len: e - s,
-                        },
-                    );
-                    pos = e;
-                }
-                _ => {
-                    push_merged(out, zero(pos, end - pos));
-                    pos = end;
-                }
-            }
-        }
+        file.push_runs(FileId(0), off.0, end - off.0, self.file_len, zero, out)?;
         Ok(end - off.0)
     }
 
@@ -278,14 +249,13 @@ impl ImageWriter for RawWriter {
         may_unmap: bool,
         out: &mut Vec<Action>,
     ) -> Result<()> {
-        let (file, host) = (FileId(0), HostOff(off.0));
-        out.push(if self.file.is_block_device() {
-            Action::WriteZeroes { file, host, len }
-        } else if may_unmap {
-            Action::PunchHole { file, host, len }
-        } else {
-            Action::ZeroRange { file, host, len }
-        });
+        out.push(Action::zeroing(
+            &self.file,
+            FileId(0),
+            HostOff(off.0),
+            len,
+            may_unmap,
+        ));
         Ok(())
     }
 

@@ -276,7 +276,7 @@ pub fn run(args: &[String]) -> Result<i32> {
             check: false,
             key: match topts.get("key-secret").or(topts.get("encrypt.key-secret")) {
                 Some(id) => Some(
-                    crate::common::secret(id)
+                    rimg_formats::crypto::secret(id)
                         .ok_or_else(|| anyhow!("{tgt}: No secret with id '{id}'"))?,
                 ),
                 None => None,

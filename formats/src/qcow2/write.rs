@@ -88,6 +88,7 @@ impl Qcow2Writer {
             header.refcount_table_offset,
             header.refcount_table_clusters,
         )?;
+        let file_len = file.len()?;
         let codec = if header.compression_type == 1 {
             crate::extent::Codec::Zstd
         } else {
@@ -113,13 +114,8 @@ impl Qcow2Writer {
             byte_cursor: None,
             codec,
             next_ticket: 0,
-            file_len: 0,
-            open_len: 0,
-        })
-        .and_then(|mut w| {
-            w.file_len = w.file.len()?;
-            w.open_len = w.file_len;
-            Ok(w)
+            file_len,
+            open_len: file_len,
         })
     }
 

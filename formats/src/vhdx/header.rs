@@ -170,14 +170,6 @@ pub fn new_guid() -> Guid {
     g
 }
 
-/// Read `buf.len()` bytes at `off`, reading zeros past the end of the file (as QEMU's block
-/// layer does for reads beyond EOF).
-pub fn read_zero_filled(file: &FileLayer, buf: &mut [u8], off: u64, what: &str) -> Result<()> {
-    let n = file.read_at_most(buf, off, what)?;
-    buf[n..].fill(0);
-    Ok(())
-}
-
 /// One of the two image headers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {
@@ -264,8 +256,8 @@ impl Headers {
     /// (Disk2VHD writes such pairs).
     pub fn read(file: &FileLayer) -> Result<Headers> {
         let mut raw = [vec![0u8; HEADER_SIZE], vec![0u8; HEADER_SIZE]];
-        read_zero_filled(file, &mut raw[0], HEADER1_OFF, "vhdx header 1")?;
-        read_zero_filled(file, &mut raw[1], HEADER2_OFF, "vhdx header 2")?;
+        file.read_zero_filled(&mut raw[0], HEADER1_OFF, "vhdx header 1")?;
+        file.read_zero_filled(&mut raw[1], HEADER2_OFF, "vhdx header 2")?;
         let h = [Header::parse(&raw[0]), Header::parse(&raw[1])];
         let current = match (&h[0], &h[1]) {
             (Some(_), None) => 0,

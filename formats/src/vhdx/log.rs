@@ -10,7 +10,7 @@
 //! As in QEMU, an image whose log holds an active sequence can only be opened read-write
 //! (which replays the log on disk); a read-only open is refused.
 
-use super::header::{guid_at, le32, le64, read_zero_filled, Guid, MIB};
+use super::header::{guid_at, le32, le64, Guid, MIB};
 use crate::error::Result;
 use crate::file::FileLayer;
 
@@ -87,7 +87,7 @@ impl<'a> Log<'a> {
     fn sector(&self, i: u64) -> Result<Vec<u8>> {
         let mut b = vec![0u8; SECTOR as usize];
         let off = self.offset + (i % self.sectors()) * SECTOR;
-        read_zero_filled(self.file, &mut b, off, "vhdx log sector")?;
+        self.file.read_zero_filled(&mut b, off, "vhdx log sector")?;
         Ok(b)
     }
 

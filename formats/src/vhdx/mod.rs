@@ -35,7 +35,7 @@ use crate::extent::{push_merged, Extent};
 use crate::file::FileLayer;
 use crate::opts::{OptionDesc, OptionMap};
 use crate::qcow2::CheckReport;
-use crate::types::{FileId, GuestOff, HostOff};
+use crate::types::{FileId, GuestOff};
 
 use header::Headers;
 
@@ -196,7 +196,7 @@ impl VhdxImage {
     pub fn open(file: Arc<FileLayer>, opts: &OpenOptions) -> Result<VhdxImage> {
         let path = file.path().to_string();
         let mut sig = [0u8; 8];
-        header::read_zero_filled(&file, &mut sig, 0, "vhdx file identifier")?;
+        file.read_zero_filled(&mut sig, 0, "vhdx file identifier")?;
         if &sig != b"vhdxfile" {
             return Err(einval(&path));
         }
@@ -232,7 +232,7 @@ impl VhdxImage {
         }
         // The region table (QEMU reads only the first copy).
         let mut rt = vec![0u8; header::REGION_SIZE];
-        header::read_zero_filled(&file, &mut rt, header::REGION1_OFF, "vhdx region table")?;
+        file.read_zero_filled(&mut rt, header::REGION1_OFF, "vhdx region table")?;
         let table = header::parse_region_table(&rt).ok_or_else(|| einval(&path))?;
         let (mut bat_rt, mut md_rt) = (None, None);
         for r in &table {
@@ -355,7 +355,7 @@ impl VhdxImage {
 fn read_metadata(file: &FileLayer, md_off: u64, bat_off: u64) -> Result<Geometry> {
     let path = file.path();
     let mut table = vec![0u8; header::METADATA_TABLE_SIZE];
-    header::read_zero_filled(file, &mut table, md_off, "vhdx metadata table")?;
+    file.read_zero_filled(&mut table, md_off, "vhdx metadata table")?;
     let entries = header::parse_metadata_table(&table).ok_or_else(|| einval(path))?;
     let known = [
         header::FILE_PARAMS_GUID,
@@ -380,12 +380,7 @@ fn read_metadata(file: &FileLayer, md_off: u64, bat_off: u64) -> Result<Geometry
     let item = |k: usize, n: usize| -> Result<Vec<u8>> {
         let e = found[k].expect("checked present");
         let mut b = vec![0u8; n];
-        header::read_zero_filled(
-            file,
-            &mut b,
-            md_off + u64::from(e.offset),
-            "vhdx metadata item",
-        )?;
+        file.read_zero_filled(&mut b, md_off + u64::from(e.offset), "vhdx metadata item")?;
         Ok(b)
     };
     let params = item(0, 8)?;
@@ -478,38 +473,12 @@ impl Image for VhdxImage {
                     // A block cut short by the end of the file reads as zeros there, and so
                     // do holes of the file inside the block (QEMU allocates blocks by
                     // growing the file): the engine need not read them.
-                    let data = n.min(file_len.saturating_sub(host));
-                    let zero = |len| Extent::Zero {
+                    let zero = |_: u64, len| Extent::Zero {
                         len,
                         explicit: true,
                         at: None,
                     };
-                    let mut h = host;
-                    let end = host + data;
-                    while h < end {
-                        match self.files[0].next_data(h)? {
-                            Some((s, e)) if s < end => {
-                                let (s, e) = (s.max(h), e.min(end));
-                                // (A run that makes no progress: take the rest as data.)
-                                let e = if e > s { e } else { end };
-                                push_merged(out, zero(s - h));
-                                push_merged(
-                                    out,
-                                    Extent::Data {
-                                        file: FileId(0),
-                                        host: HostOff(s),
-                                        len: e - s,
-                                    },
-                                );
-                                h = e;
-                            }
-                            _ => {
-                                push_merged(out, zero(end - h));
-                                h = end;
-                            }
-                        }
-                    }
-                    push_merged(out, zero(n - data));
+                    self.files[0].push_runs(FileId(0), host, n, file_len, zero, out)?;
                 }
                 _ => {
                     return Err(Error::Corrupt {
@@ -558,6 +527,7 @@ impl Image for VhdxImage {
 mod tests {
     use super::header::MIB;
     use super::*;
+    use crate::types::HostOff;
 
     /// Create a 24 MiB dynamic image with 8 MiB blocks, set the BAT entries, map it all.
     fn map_with_bat(entries: &[u64], file_len: u64) -> Vec<Extent> {

@@ -358,14 +358,13 @@ impl ImageWriter for VhdxWriter {
             // Blocks that are not present already read as zeros (no backing file).
             if let Some(h) = self.host_of(b)? {
                 self.first_write()?;
-                let (file, host) = (FileId(0), HostOff(h + in_b));
-                out.push(if self.file.is_block_device() {
-                    Action::WriteZeroes { file, host, len: n }
-                } else if may_unmap {
-                    Action::PunchHole { file, host, len: n }
-                } else {
-                    Action::ZeroRange { file, host, len: n }
-                });
+                out.push(Action::zeroing(
+                    &self.file,
+                    FileId(0),
+                    HostOff(h + in_b),
+                    n,
+                    may_unmap,
+                ));
             }
             pos += n;
         }

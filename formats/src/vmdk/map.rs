@@ -200,42 +200,13 @@ pub fn map(img: &VmdkImage, off: GuestOff, len: u64, out: &mut Vec<Extent>) -> R
     let f = &img.files[e.file.0 as usize];
     match &e.kind {
         ExtentKind::Flat { offset } => {
-            let mut pos = off.0;
-            let flen = f.len()?;
-            while pos < end {
-                let host = offset.saturating_add(pos - e.start);
-                let n = end - pos;
-                let zero = |h: u64, l: u64| Extent::DataHole {
-                    file: e.file,
-                    host: HostOff(h),
-                    len: l,
-                };
-                match if host < flen {
-                    f.next_data(host)?
-                } else {
-                    None
-                } {
-                    Some((s, d_end)) if s < host + n => {
-                        if s > host {
-                            push_merged(out, zero(host, s - host));
-                        }
-                        let dl = d_end.min(host + n).min(flen) - s;
-                        push_merged(
-                            out,
-                            Extent::Data {
-                                file: e.file,
-                                host: HostOff(s),
-                                len: dl,
-                            },
-                        );
-                        pos += s - host + dl;
-                    }
-                    _ => {
-                        push_merged(out, zero(host, n));
-                        pos = end;
-                    }
-                }
-            }
+            let host = offset.saturating_add(off.0 - e.start);
+            let hole = |h: u64, l: u64| Extent::DataHole {
+                file: e.file,
+                host: HostOff(h),
+                len: l,
+            };
+            f.push_runs(e.file, host, end - off.0, f.len()?, hole, out)?;
         }
         ExtentKind::Sparse(s) => {
             let gb = s.grain_bytes();

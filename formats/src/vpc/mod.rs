@@ -59,14 +59,6 @@ fn open_err(file: &FileLayer, why: impl Into<String>) -> Error {
     }
 }
 
-/// Read `buf.len()` bytes at `off`; bytes past the end of the file read as zeros (QEMU's
-/// file layer does the same).
-fn read_padded(file: &FileLayer, buf: &mut [u8], off: u64, what: &str) -> Result<()> {
-    let n = file.read_at_most(buf, off, what)?;
-    buf[n..].fill(0);
-    Ok(())
-}
-
 impl FormatDriver for VpcDriver {
     fn name(&self) -> &'static str {
         "vpc"
@@ -90,13 +82,13 @@ impl FormatDriver for VpcDriver {
         // QEMU's block layer sees file lengths rounded up to whole sectors.
         let file_len = file.len()?.div_ceil(512) * 512;
         let mut raw = [0u8; FOOTER_SIZE];
-        read_padded(&file, &mut raw, 0, "VHD footer")?;
+        file.read_zero_filled(&mut raw, 0, "VHD footer")?;
         let mut fixed = false;
         if !Footer::has_cookie(&raw) {
             if file_len < FOOTER_SIZE as u64 {
                 return Err(open_err(&file, "File too small for a VHD header"));
             }
-            read_padded(&file, &mut raw, file_len - FOOTER_SIZE as u64, "VHD footer")?;
+            file.read_zero_filled(&mut raw, file_len - FOOTER_SIZE as u64, "VHD footer")?;
             if !Footer::has_cookie(&raw) || Footer::parse(&raw).disk_type != TYPE_FIXED {
                 return Err(open_err(&file, "invalid VPC image"));
             }
@@ -179,7 +171,7 @@ fn read_bat(file: &FileLayer, footer: &Footer, size: u64, file_len: u64) -> Resu
     if footer.data_offset > i64::MAX as u64 - DYN_HEADER_SIZE as u64 {
         return Err(open_err(file, "Error reading dynamic VHD header"));
     }
-    read_padded(file, &mut raw, footer.data_offset, "dynamic VHD header")?;
+    file.read_zero_filled(&mut raw, footer.data_offset, "dynamic VHD header")?;
     let h = DynHeader::parse(&raw).ok_or_else(|| open_err(file, "Invalid header magic"))?;
     if !h.block_size.is_power_of_two() || h.block_size < 512 {
         return Err(open_err(
@@ -274,31 +266,7 @@ impl VpcImage {
             host: HostOff(at),
             len: l,
         };
-        let mut pos = off;
-        while pos < end {
-            match file.next_data(pos)? {
-                Some((s, e)) if s < end => {
-                    if s > pos {
-                        push_merged(out, hole(pos, s - pos));
-                    }
-                    let e = e.min(end);
-                    push_merged(
-                        out,
-                        Extent::Data {
-                            file: FileId(0),
-                            host: HostOff(s),
-                            len: e - s,
-                        },
-                    );
-                    pos = e;
-                }
-                _ => {
-                    push_merged(out, hole(pos, end - pos));
-                    pos = end;
-                }
-            }
-        }
-        Ok(())
+        file.push_runs(FileId(0), off, end - off, file.len()?, hole, out)
     }
 }
 

@@ -139,14 +139,13 @@ impl ImageWriter for FixedWriter {
         if off.0.checked_add(len).is_none_or(|e| e > self.size) {
             return Err(past_end(&self.file, off.0, len));
         }
-        let (file, host) = (FileId(0), HostOff(off.0));
-        out.push(if self.file.is_block_device() {
-            Action::WriteZeroes { file, host, len }
-        } else if may_unmap {
-            Action::PunchHole { file, host, len }
-        } else {
-            Action::ZeroRange { file, host, len }
-        });
+        out.push(Action::zeroing(
+            &self.file,
+            FileId(0),
+            HostOff(off.0),
+            len,
+            may_unmap,
+        ));
         Ok(())
     }
 
