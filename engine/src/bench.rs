@@ -238,6 +238,7 @@ pub fn run(
                     shared: shared.clone(),
                     file,
                     depth: per_shard,
+                    claimed: 0..0,
                     outstanding: 0,
                     err: None,
                     starts: vec![None; per_shard],
@@ -363,6 +364,8 @@ struct BenchWork {
     shared: Arc<Shared>,
     file: FileIdx,
     depth: usize,
+    /// request numbers taken from the shared counter and not issued yet
+    claimed: std::ops::Range<u64>,
     outstanding: usize,
     err: Option<Error>,
     /// submit time of the request in each slot
@@ -391,6 +394,28 @@ fn request_error(off: u64, source: stdio::Error) -> Error {
 }
 
 impl BenchWork {
+    /// The next request number for this shard. Numbers are taken from the shared counter a
+    /// run of `depth` at a time, so the requests one shard submits together are neighbours
+    /// the block layer can merge, as they are when one thread issues them all (qemu-img).
+    fn claim(&mut self) -> Option<u64> {
+        let end = self.shared.end.load(Ordering::Relaxed);
+        if self.claimed.start < self.claimed.end.min(end) {
+            let i = self.claimed.start;
+            self.claimed.start += 1;
+            return Some(i);
+        }
+        if self.shared.next.load(Ordering::Relaxed) >= end {
+            return None;
+        }
+        let run = self.depth.max(1) as u64;
+        let first = self.shared.next.fetch_add(run, Ordering::Relaxed);
+        if first >= end {
+            return None;
+        }
+        self.claimed = first + 1..(first + run).min(end);
+        Some(first)
+    }
+
     /// Issue requests until the slots are full or the run is over; `buf` is a free buffer.
     /// Returns the buffer when no request took it.
     fn issue(&mut self, cx: &mut Cx<'_>, mut buf: Buf) -> Option<Buf> {
@@ -402,13 +427,9 @@ impl BenchWork {
             if sh.deadline.is_some_and(|d| Instant::now() >= d) {
                 return Some(buf);
             }
-            if sh.next.load(Ordering::Relaxed) >= sh.end.load(Ordering::Relaxed) {
+            let Some(i) = self.claim() else {
                 return Some(buf);
-            }
-            let i = sh.next.fetch_add(1, Ordering::Relaxed);
-            if i >= sh.end.load(Ordering::Relaxed) {
-                return Some(buf);
-            }
+            };
             let off = sh.offset_of(i);
             let size = sh.size;
             if off.checked_add(size).is_none_or(|e| e > sh.image_size) {

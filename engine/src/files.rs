@@ -66,6 +66,8 @@ struct JobFile {
     path: String,
     buffered: File,
     direct: Option<(File, DioAlign)>,
+    /// opened for writing
+    writable: bool,
     written: bool,
     cache: CacheMode,
     /// encrypted by sectors: (cipher, host offset of IV sector 0)
@@ -135,6 +137,7 @@ impl JobFiles {
             path,
             buffered,
             direct,
+            writable: write,
             written: false,
             cache,
             crypt: None,
@@ -293,6 +296,11 @@ impl JobFiles {
         let s = (off - a) as usize;
         dst.copy_from_slice(&tmp[s..s + dst.len()]);
         Ok(dst.len())
+    }
+
+    /// Whether some file is opened for writing through the page cache (no O_DIRECT).
+    pub fn buffered_writes(&self) -> bool {
+        self.files.iter().any(|f| f.writable && f.direct.is_none())
     }
 
     /// Remember that file `i` was written (so it is flushed at the end).

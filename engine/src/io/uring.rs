@@ -94,7 +94,7 @@ impl UringQueue {
     ) -> Result<UringQueue, (Arena, io::Error)> {
         let depth = depth.clamp(1, MAX_ENTRIES);
         let entries = depth.next_power_of_two() as u32;
-        let ring = match IoUring::new(entries) {
+        let ring = match new_ring(entries) {
             Ok(r) => r,
             Err(e) => return Err((arena, e)),
         };
@@ -503,6 +503,26 @@ impl Drop for UringQueue {
             sink.clear();
         }
     }
+}
+
+/// A ring of `entries` entries, set up for one thread: the kernel runs completion work only
+/// when that thread asks for completions (`DEFER_TASKRUN`, which needs `SINGLE_ISSUER`) rather
+/// than interrupting it for each one, as fio sets up its rings. Each shard creates, submits to
+/// and reaps its ring on its own thread, which is what `SINGLE_ISSUER` promises. Kernels
+/// before 6.1 refuse those flags: then `COOP_TASKRUN` alone (5.19), then no flags.
+fn new_ring(entries: u32) -> io::Result<IoUring> {
+    if let Ok(r) = IoUring::builder()
+        .setup_coop_taskrun()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(entries)
+    {
+        return Ok(r);
+    }
+    if let Ok(r) = IoUring::builder().setup_coop_taskrun().build(entries) {
+        return Ok(r);
+    }
+    IoUring::new(entries)
 }
 
 fn is_retry(e: &io::Error) -> bool {
