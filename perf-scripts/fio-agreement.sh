@@ -3,18 +3,22 @@
 # and the median IOPS of each and the difference are printed (target: within 10 %). A benchmark, not a
 # unit test: run it on a quiet machine.
 #
-#   perf-scripts/fio-agreement.sh [--size 1G] [--runs 3] [--dir DIR] [--quick] [--rimg PATH]
+#   perf-scripts/fio-agreement.sh [--size 1G] [--runs 5] [--dir DIR] [--quick] [--rimg PATH]
 #
 # Cases (fio: one job, the same queue depth; rimg: its default shards):
 #   randread-4k-qd32-direct   4 KiB random reads, queue depth 32, O_DIRECT, io_uring
-#   write-1m-qd4-direct       1 MiB sequential writes, queue depth 4, O_DIRECT, io_uring
-#   read-4k-qd1-cached        4 KiB sequential reads, queue depth 1, through the (warm) page cache
+#   write-1m-qd4-direct       1 MiB sequential writes, queue depth 4, O_DIRECT, io_uring, the
+#                             file written 4 times over (a run of one pass lasts ~0.5 s here,
+#                             too short for fio's millisecond clock)
+#   read-4k-qd1-cached        4 KiB sequential reads, queue depth 1, through the (warm) page
+#                             cache, the file read 4 times over; fio runs with --invalidate=0,
+#                             since by default it drops the file's cached pages before a job
 # Exits 0 when every case is within 10 %, 1 otherwise, 2 on a setup error. Installs fio with apt-get
 # if it is missing.
 set -euo pipefail
 
 size=1G
-runs=3
+runs=5
 dir=
 rimg=${RIMG:-}
 n4k=131072
@@ -56,7 +60,7 @@ img=$work/test.raw
 # A fully allocated file: reads must hit blocks, not holes.
 qemu-img create -q -f raw -o preallocation=full "$img" "$size"
 bytes=$(stat -c %s "$img")
-n1m=$((bytes >> 20))
+n1m=$((bytes >> 20 << 2))
 
 # iops KEY: reads a JSON report on stdin and prints the IOPS (rimg: .iops; fio: jobs[0].read/write.iops).
 iops() {
@@ -121,8 +125,8 @@ case_ write-1m-qd4-direct direct \
     -w -f raw -t none -i io_uring -d 4 -s 1048576 -c "$n1m" -- \
     "${common[@]}" --rw=write --bs=1M --iodepth=4 --direct=1 --io_size=$((n1m << 20))
 case_ read-4k-qd1-cached warm \
-    -f raw -t writeback -i io_uring -d 1 -s 4096 -c $((bytes / 4096)) -- \
-    "${common[@]}" --rw=read --bs=4k --iodepth=1 --direct=0 --io_size="$bytes"
+    -f raw -t writeback -i io_uring -d 1 -s 4096 -c $((bytes / 4096 * 4)) -- \
+    "${common[@]}" --rw=read --bs=4k --iodepth=1 --direct=0 --invalidate=0 --io_size=$((bytes * 4))
 
 echo
 printf '%-26s %12s %12s %9s  %s\n' case "rimg IOPS" "fio IOPS" "rimg/fio" "within 10%"

@@ -61,3 +61,28 @@ fn stderr_empty_on_success() {
     }
     c.finish();
 }
+
+/// A reader that stops early (`rimg map ... | head`) ends rimg as it ends qemu-img: by
+/// SIGPIPE, with nothing on stderr, never a panic.
+#[test]
+fn closed_stdout_pipe_is_not_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+    for args in [&["--help"][..], &["--version"][..], &["info", "--help"][..]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_rimg"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take()); // the reader is gone before rimg writes
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(
+            out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+            "{args:?}: {:?}",
+            out.status
+        );
+    }
+}

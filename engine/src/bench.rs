@@ -203,6 +203,9 @@ pub fn run(
     let file = FileIdx(0);
     let files = Arc::new(files);
     let merged = Arc::new(Mutex::new(new_histogram()));
+    // The clock starts once the shards are up (threads, rings, registered buffers), as
+    // qemu-img bench's starts after the image is open and its buffers allocated.
+    let pool = Pool::start(&engine, files.clone(), shards, per_shard)?;
     let started = Instant::now();
     // With a drained flush interval, requests run in phases of that many: each phase ends
     // when all its requests completed, then the image is flushed.
@@ -227,7 +230,6 @@ pub fn run(
         started,
         done: AtomicU64::new(0),
     });
-    let pool = Pool::start(&engine, files.clone(), shards, per_shard)?;
     let mut err = None;
     loop {
         let n = shards;
