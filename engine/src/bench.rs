@@ -167,6 +167,13 @@ pub fn run(
         unit,
         budget,
         backend: opts.backend,
+        // Completions handled half a shard's depth at a time, so the requests a shard then
+        // submits together are neighbours the block layer merges. qemu-img's event loop ends
+        // up the same way (its 32 sequential 4k writes reach the device as one request);
+        // taking completions one by one, a shard's requests stay split into several small
+        // ones (4k qd32 writes: 20k device requests for 100k, qemu-img 3k; 12 % slower).
+        // Neutral for random reads, where nothing merges.
+        reap_batch_percent: 50,
     });
     let mut files = JobFiles::default();
     let (image_size, mapped) = match target {

@@ -46,6 +46,9 @@ pub struct EngineConfig {
     pub budget: usize,
     /// bytes per transfer unit / buffer
     pub unit: usize,
+    /// a shard waits for this percentage of its ops in flight (at least one) to complete
+    /// before it handles completions; 0 = each as it comes
+    pub reap_batch_percent: u8,
 }
 
 impl Default for EngineConfig {
@@ -61,6 +64,7 @@ impl Default for EngineConfig {
             backend: BackendChoice::Auto,
             budget: DEFAULT_BUDGET,
             unit,
+            reap_batch_percent: 0,
         }
     }
 }

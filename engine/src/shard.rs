@@ -176,6 +176,7 @@ impl Pool {
             let res_tx = res_tx.clone();
             let ready_tx = ready_tx.clone();
             let backend = backend_for(cfg.backend, &files);
+            let reap_batch = usize::from(cfg.reap_batch_percent.min(100));
             let pin = n <= cpus;
             let h = std::thread::Builder::new()
                 .name(format!("rimg-shard-{i}"))
@@ -205,7 +206,7 @@ impl Pool {
                         }
                     };
                     drop(ready_tx);
-                    run_shard(q.as_mut(), &files, &rx, &res_tx, max_units);
+                    run_shard(q.as_mut(), &files, &rx, &res_tx, max_units, reap_batch);
                 })
                 .map_err(|e| Error::Setup(format!("starting shard thread: {e}")))?;
             txs.push(tx);
@@ -294,6 +295,7 @@ fn run_shard(
     rx: &Receiver<Box<dyn Work>>,
     res_tx: &Sender<Outcome>,
     max_units: usize,
+    reap_batch_percent: usize,
 ) {
     let mut units: Vec<Option<Box<dyn Work>>> = Vec::new();
     let mut free_slots: Vec<u32> = Vec::new();
@@ -364,7 +366,8 @@ fn run_shard(
             continue;
         }
         comps.clear();
-        if let Err(e) = q.reap(1, &mut comps) {
+        let min = (q.in_flight() * reap_batch_percent / 100).max(1);
+        if let Err(e) = q.reap(min, &mut comps) {
             // The queue itself failed: fail every active unit.
             for (slot, u) in units.iter_mut().enumerate() {
                 if let Some(u) = u.take() {
