@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender, TryRecvError};
 
 use crate::files::JobFiles;
-use crate::io::{self, Arena, BackendChoice, BackendKind, Buf, Completion, Op, OpKind, Queue};
+use crate::io::{self, Arena, BackendKind, Buf, Completion, Op, OpKind, Queue};
 use crate::{Engine, Error, Result};
 
 /// What a unit reports when it is done.
@@ -168,6 +168,8 @@ impl Pool {
         let cpus = std::thread::available_parallelism()
             .map(|c| c.get())
             .unwrap_or(1);
+        let backend = cfg.backend.resolve(files.buffered_writes());
+        let reap_batch = usize::from(cfg.reap_batch_percent.min(100));
         let mut txs = Vec::new();
         let mut handles = Vec::new();
         for i in 0..n {
@@ -175,8 +177,6 @@ impl Pool {
             let files = files.clone();
             let res_tx = res_tx.clone();
             let ready_tx = ready_tx.clone();
-            let backend = backend_for(cfg.backend, &files);
-            let reap_batch = usize::from(cfg.reap_batch_percent.min(100));
             let pin = n <= cpus;
             let h = std::thread::Builder::new()
                 .name(format!("rimg-shard-{i}"))
@@ -269,23 +269,6 @@ impl Pool {
         for h in self.handles {
             let _ = h.join();
         }
-    }
-}
-
-/// The backend for a job on `files`. Left to choose (`Auto`, no `RIMG_IO`), a job that writes
-/// through the page cache runs on the thread pool: io_uring hands buffered writes on the
-/// common file systems (ext4) to its io-wq workers, one set per ring, and the shards' workers
-/// then spin on the target inode's lock (perf: a fifth of a raw->raw convert's CPU time in
-/// `rwsem_spin_on_owner`), where pwrite from the pool threads does not. O_DIRECT and read-only
-/// jobs keep the ring.
-fn backend_for(choice: BackendChoice, files: &JobFiles) -> BackendChoice {
-    if choice == BackendChoice::Auto
-        && std::env::var_os("RIMG_IO").is_none()
-        && files.buffered_writes()
-    {
-        BackendChoice::Threads
-    } else {
-        choice
     }
 }
 
@@ -409,6 +392,7 @@ fn run_shard(
 mod tests {
     use super::*;
     use crate::files::CacheMode;
+    use crate::io::BackendChoice;
     use crate::EngineConfig;
     use rimg_formats::FileLayer;
 
@@ -433,7 +417,7 @@ mod tests {
             .add(&engine, &src, false, CacheMode::Writeback)
             .unwrap();
         assert_eq!(
-            backend_for(BackendChoice::Auto, &read_only),
+            BackendChoice::Auto.resolve(read_only.buffered_writes()),
             BackendChoice::Auto
         );
 
@@ -445,12 +429,12 @@ mod tests {
             .add(&engine, &dst, true, CacheMode::Writeback)
             .unwrap();
         assert_eq!(
-            backend_for(BackendChoice::Auto, &buffered),
+            BackendChoice::Auto.resolve(buffered.buffered_writes()),
             BackendChoice::Threads
         );
         // An explicit choice is kept.
         assert_eq!(
-            backend_for(BackendChoice::IoUring, &buffered),
+            BackendChoice::IoUring.resolve(buffered.buffered_writes()),
             BackendChoice::IoUring
         );
     }

@@ -158,14 +158,31 @@ pub enum BackendChoice {
     Threads,
 }
 
-/// Create a queue for one shard. `arena` is moved in (its buffers are registered when the
-/// backend and RLIMIT_MEMLOCK allow). `depth` is the most ops in flight.
+impl BackendChoice {
+    /// The choice for a job, made once before its shards start. `RIMG_IO=threads|uring`
+    /// settles `Auto`. Otherwise a job that writes through the page cache (`buffered_writes`)
+    /// gets the thread pool: io_uring hands buffered writes on the common file systems (ext4)
+    /// to its io-wq workers, one set per ring, and the shards' workers then spin on the
+    /// target inode's lock (perf: a fifth of a raw->raw convert's CPU time in
+    /// `rwsem_spin_on_owner`), where pwrite from the pool threads does not. O_DIRECT and
+    /// read-only jobs keep `Auto` (the ring where it works). Explicit choices stand.
+    pub fn resolve(self, buffered_writes: bool) -> BackendChoice {
+        if self != BackendChoice::Auto {
+            return self;
+        }
+        match std::env::var("RIMG_IO").ok().as_deref() {
+            Some("threads") => BackendChoice::Threads,
+            Some("uring" | "io_uring") => BackendChoice::IoUring,
+            _ if buffered_writes => BackendChoice::Threads,
+            _ => BackendChoice::Auto,
+        }
+    }
+}
+
+/// Create a queue for one shard from a [`BackendChoice::resolve`]d choice. `arena` is moved
+/// in (its buffers are registered when the backend and RLIMIT_MEMLOCK allow). `depth` is the
+/// most ops in flight.
 pub fn new_queue(choice: BackendChoice, arena: Arena, depth: usize) -> io::Result<Box<dyn Queue>> {
-    let choice = match (choice, std::env::var("RIMG_IO").ok().as_deref()) {
-        (BackendChoice::Auto, Some("threads")) => BackendChoice::Threads,
-        (BackendChoice::Auto, Some("uring" | "io_uring")) => BackendChoice::IoUring,
-        (c, _) => c,
-    };
     match choice {
         BackendChoice::Threads => Ok(Box::new(threads::ThreadQueue::new(arena, depth)?)),
         BackendChoice::IoUring => match uring::UringQueue::new(arena, depth) {
