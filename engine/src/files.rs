@@ -298,6 +298,11 @@ impl JobFiles {
         Ok(dst.len())
     }
 
+    /// Whether some file holds encrypted data.
+    pub fn any_encrypted(&self) -> bool {
+        self.files.iter().any(|f| f.crypt.is_some())
+    }
+
     /// Whether some file is opened for writing through the page cache (no O_DIRECT).
     pub fn buffered_writes(&self) -> bool {
         self.files.iter().any(|f| f.writable && f.direct.is_none())

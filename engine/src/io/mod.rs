@@ -144,6 +144,12 @@ pub trait Queue: Send {
     fn depth(&self) -> usize;
     /// The shard's buffer arena (take buffers here, put them back when done).
     fn arena(&mut self) -> &mut Arena;
+    /// Hand the ops queued so far to the kernel now, without waiting for any, so the device
+    /// can start on them before the next [`Queue::reap`]. A no-op where ops start at
+    /// submission (the thread pool).
+    fn kick(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// How to choose the backend.

@@ -479,6 +479,18 @@ impl Queue for UringQueue {
         self.in_flight
     }
 
+    fn kick(&mut self) -> io::Result<()> {
+        if self.ring.submission().is_empty() {
+            return Ok(());
+        }
+        match self.ring.submit() {
+            Ok(_) => Ok(()),
+            // Busy or short of memory: the next reap submits them.
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) || is_retry(&e) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     fn depth(&self) -> usize {
         self.depth
     }
