@@ -16,6 +16,8 @@
 mod args;
 #[path = "side_by_side/inputs.rs"]
 mod inputs;
+#[path = "side_by_side/memory.rs"]
+mod memory;
 #[path = "side_by_side/report.rs"]
 mod report;
 #[path = "side_by_side/workloads.rs"]
@@ -301,6 +303,37 @@ fn free_page_reporting() -> bool {
     })
 }
 
+/// Pauses free page reporting and touches enough memory for the buffered workloads (see `memory.rs`).
+/// Returns the pause (restoring the old setting when dropped), or `None` with a note if it cannot be
+/// paused here.
+fn steady_memory(opts: &Options, info: &mut RunInfo) -> Option<memory::ReportingPause> {
+    let pause = match memory::ReportingPause::start() {
+        Ok(Some(p)) => p,
+        Ok(None) => return None,
+        Err(e) => {
+            println!("note: could not pause free page reporting ({e}; needs root)");
+            return None;
+        }
+    };
+    info.page_reporting_paused = true;
+    // Room for the largest outputs and cold reads (a convert writes `size`, compare-cold reads 2 x size),
+    // leaving a GiB free.
+    let want = opts.size.saturating_mul(4).saturating_add(1 << 30);
+    let bytes = memory::mem_free()
+        .map(|f| f.saturating_sub(1 << 30))
+        .unwrap_or(0)
+        .min(want);
+    let took = memory::prefault(bytes);
+    println!(
+        "note: this VM reports freed memory to its host (virtio-balloon free page reporting); paused for \
+         the run (restored at the end; --keep-page-reporting to leave it on), {} MiB touched in {:.1} s \
+         so both tools start from host-backed free memory",
+        bytes >> 20,
+        took.as_secs_f64()
+    );
+    Some(pause)
+}
+
 /// The 1-, 5- and 15-minute load averages, for judging how busy the machine was.
 fn loadavg() -> String {
     fs::read_to_string("/proc/loadavg")
@@ -478,6 +511,7 @@ fn run(opts: Options) -> Result<()> {
         git_dirty: git(&["status", "--porcelain", "--untracked-files=no"]).map(|s| !s.is_empty()),
         warmup: opts.warmup,
         free_page_reporting: free_page_reporting(),
+        page_reporting_paused: false,
         machine: machine(),
         scratch_fs: String::new(),
         loadavg_start: String::new(),
@@ -515,14 +549,20 @@ fn run(opts: Options) -> Result<()> {
              touches a disk; pass --dir on a disk-backed filesystem"
         );
     }
-    if info.free_page_reporting {
+    prepare_inputs(&opts, &scratch)?;
+    // Kept until the end of the run, when it puts the reporting order back.
+    let _pause = if info.free_page_reporting && !opts.keep_page_reporting {
+        steady_memory(&opts, &mut info)
+    } else {
+        None
+    };
+    if info.free_page_reporting && !info.page_reporting_paused {
         println!(
-            "note: this VM reports freed memory to its host (virtio-balloon free page reporting): buffered \
-             converts also time the host faulting page-cache memory back in, and come out bimodal for both \
-             tools; trust the cpu columns and the -direct rows more"
+            "note: this VM reports freed memory to its host (virtio-balloon free page reporting) and it \
+             was not paused: buffered converts also time the host faulting page-cache memory back in, \
+             and come out bimodal for both tools; trust the cpu columns and the -direct rows more"
         );
     }
-    prepare_inputs(&opts, &scratch)?;
 
     let mut cache = CacheControl {
         policy: opts.drop,

@@ -38,6 +38,10 @@ OPTIONS:
   --dir DIR            scratch directory (default: a new directory under $TMPDIR, else /var/tmp);
                        the harness removes what it created there at the end unless --keep
   --keep               keep the scratch images and outputs
+  --keep-page-reporting
+                       on a VM whose balloon reports free pages to the host, leave that on
+                       (by default it is paused for the run and restored at the end, so
+                       buffered converts do not time the host faulting memory back in)
   -h, --help           print this help
 
 WORKLOADS (cold: the page cache is dropped before every timed run; warm: it is not):
@@ -88,6 +92,8 @@ pub(crate) struct Options {
     pub(crate) dir: Option<PathBuf>,
     /// Keep the scratch files at the end.
     pub(crate) keep: bool,
+    /// Leave free page reporting on (see `memory.rs`).
+    pub(crate) keep_page_reporting: bool,
     /// `--quick` was given.
     pub(crate) quick: bool,
     /// Image size in bytes.
@@ -133,6 +139,7 @@ pub(crate) fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parse
     let mut qemu_img = None;
     let mut dir = None;
     let mut keep = false;
+    let mut keep_page_reporting = false;
     let mut quick = false;
     let mut size = None;
     let mut text_size = None;
@@ -162,6 +169,7 @@ pub(crate) fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parse
             "--qemu-img" => qemu_img = Some(PathBuf::from(value()?)),
             "--dir" => dir = Some(PathBuf::from(value()?)),
             "--keep" => keep = true,
+            "--keep-page-reporting" => keep_page_reporting = true,
             "--quick" => quick = true,
             "--size" => size = Some(parse_size(&value()?)?),
             "--text-size" => text_size = Some(parse_size(&value()?)?),
@@ -223,6 +231,7 @@ pub(crate) fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parse
         qemu_img,
         dir,
         keep,
+        keep_page_reporting,
         quick,
         size,
         text_size: text_size.unwrap_or((size / 4).max(1 << 20)),

@@ -243,6 +243,8 @@ pub(crate) struct RunInfo {
     pub(crate) warmup: usize,
     /// Whether the VM reports free pages to its host (see `free_page_reporting` in the harness).
     pub(crate) free_page_reporting: bool,
+    /// Whether the harness paused that reporting for the run (see `memory.rs`).
+    pub(crate) page_reporting_paused: bool,
     /// Where it ran.
     pub(crate) machine: Machine,
     /// Filesystem type of the scratch directory (`stat -f`).
@@ -320,6 +322,7 @@ pub(crate) fn json_line(row: &Row, info: &RunInfo) -> Value {
         ),
         ("scratch_fs", json!(info.scratch_fs)),
         ("free_page_reporting", json!(info.free_page_reporting)),
+        ("page_reporting_paused", json!(info.page_reporting_paused)),
         ("loadavg_start", json!(info.loadavg_start)),
         ("loadavg_end", json!(info.loadavg_end)),
         ("rimg_engine", json!(row.rimg_engine)),
