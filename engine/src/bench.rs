@@ -173,6 +173,10 @@ pub fn run(
         // ones (4k qd32 writes: 20k device requests for 100k, qemu-img 3k; 12 % slower).
         // Neutral for random reads, where nothing merges.
         reap_batch_percent: 50,
+        // On the thread pool (`-i threads`) every request in flight has a thread, as in
+        // qemu-img's pool (up to 64 threads), so the depth asked for is the depth the
+        // file sees.
+        io_threads: opts.depth.clamp(1, 64) as usize,
     });
     let mut files = JobFiles::default();
     let (image_size, mapped) = match target {

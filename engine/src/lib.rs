@@ -49,6 +49,8 @@ pub struct EngineConfig {
     /// a shard waits for this percentage of its ops in flight (at least one) to complete
     /// before it handles completions; 0 = each as it comes
     pub reap_batch_percent: u8,
+    /// worker threads of each shard's thread-pool queue; 0 = the default (4)
+    pub io_threads: usize,
 }
 
 impl Default for EngineConfig {
@@ -65,6 +67,7 @@ impl Default for EngineConfig {
             budget: DEFAULT_BUDGET,
             unit,
             reap_batch_percent: 0,
+            io_threads: 0,
         }
     }
 }

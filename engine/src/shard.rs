@@ -176,6 +176,11 @@ impl Pool {
             .unwrap_or(1);
         let backend = cfg.backend.resolve(files.buffered_writes());
         let reap_batch = usize::from(cfg.reap_batch_percent.min(100));
+        let io_threads = if cfg.io_threads == 0 {
+            io::threads::DEFAULT_WORKERS
+        } else {
+            cfg.io_threads
+        };
         let mut txs = Vec::new();
         let mut handles = Vec::new();
         for i in 0..n {
@@ -199,7 +204,7 @@ impl Pool {
                         }
                     }
                     let q = Arena::new(per_shard, unit)
-                        .and_then(|arena| io::new_queue(backend, arena, depth))
+                        .and_then(|arena| io::new_queue(backend, arena, depth, io_threads))
                         .and_then(|mut q| {
                             q.register_files(&files.fds())?;
                             Ok(q)

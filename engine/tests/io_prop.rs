@@ -381,7 +381,10 @@ fn make_queue(backend: Backend) -> Option<Box<dyn Queue>> {
     match backend {
         Backend::UringRegistered => uring(arena, true),
         Backend::UringPlain => uring(arena, false),
-        Backend::Threads => Some(Box::new(ThreadQueue::new(arena, DEPTH).expect("threads"))),
+        Backend::Threads => Some(Box::new(
+            ThreadQueue::new(arena, DEPTH, rimg_engine::io::threads::DEFAULT_WORKERS)
+                .expect("threads"),
+        )),
     }
 }
 

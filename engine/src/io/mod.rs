@@ -187,17 +187,22 @@ impl BackendChoice {
 
 /// Create a queue for one shard from a [`BackendChoice::resolve`]d choice. `arena` is moved
 /// in (its buffers are registered when the backend and RLIMIT_MEMLOCK allow). `depth` is the
-/// most ops in flight.
-pub fn new_queue(choice: BackendChoice, arena: Arena, depth: usize) -> io::Result<Box<dyn Queue>> {
+/// most ops in flight; a thread-pool queue runs them on up to `workers` threads.
+pub fn new_queue(
+    choice: BackendChoice,
+    arena: Arena,
+    depth: usize,
+    workers: usize,
+) -> io::Result<Box<dyn Queue>> {
     match choice {
-        BackendChoice::Threads => Ok(Box::new(threads::ThreadQueue::new(arena, depth)?)),
+        BackendChoice::Threads => Ok(Box::new(threads::ThreadQueue::new(arena, depth, workers)?)),
         BackendChoice::IoUring => match uring::UringQueue::new(arena, depth) {
             Ok(q) => Ok(Box::new(q)),
             Err((_arena, e)) => Err(e),
         },
         BackendChoice::Auto => match uring::UringQueue::new(arena, depth) {
             Ok(q) => Ok(Box::new(q)),
-            Err((arena, _e)) => Ok(Box::new(threads::ThreadQueue::new(arena, depth)?)),
+            Err((arena, _e)) => Ok(Box::new(threads::ThreadQueue::new(arena, depth, workers)?)),
         },
     }
 }

@@ -14,8 +14,8 @@ use crossbeam_channel::{Receiver, Sender};
 use super::uring::sync_fallocate;
 use super::{Arena, BackendKind, Completion, Op, OpKind, Queue};
 
-/// Most worker threads per queue.
-const MAX_WORKERS: usize = 4;
+/// Worker threads per queue unless the job asks for another number.
+pub const DEFAULT_WORKERS: usize = 4;
 /// Worker stack: the loops below need little, and address space is budgeted (RLIMIT_AS).
 const WORKER_STACK: usize = 128 * 1024;
 /// Largest single pread/pwrite; longer transfers loop.
@@ -65,9 +65,9 @@ impl std::fmt::Debug for ThreadQueue {
 }
 
 impl ThreadQueue {
-    /// Start `min(depth, 4)` worker threads (`rimg-io-N`) for up to `depth` ops in flight
-    /// (at least 1). Fails only when a thread cannot be spawned.
-    pub fn new(arena: Arena, depth: usize) -> io::Result<ThreadQueue> {
+    /// Start `min(depth, workers)` worker threads (`rimg-io-N`, at least one) for up to
+    /// `depth` ops in flight (at least 1). Fails only when a thread cannot be spawned.
+    pub fn new(arena: Arena, depth: usize, workers: usize) -> io::Result<ThreadQueue> {
         let depth = depth.max(1);
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<Job>();
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<Completion>();
@@ -82,7 +82,7 @@ impl ThreadQueue {
             done: done_rx,
             workers: Vec::new(),
         };
-        for i in 0..depth.min(MAX_WORKERS) {
+        for i in 0..depth.min(workers).max(1) {
             let (rx, tx) = (jobs_rx.clone(), done_tx.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("rimg-io-{i}"))
