@@ -177,6 +177,7 @@ pub fn run(
         // qemu-img's pool (up to 64 threads), so the depth asked for is the depth the
         // file sees.
         io_threads: opts.depth.clamp(1, 64) as usize,
+        cached_reads_on_pool: false,
     });
     let mut files = JobFiles::default();
     let (image_size, mapped) = match target {

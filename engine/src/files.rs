@@ -303,6 +303,15 @@ impl JobFiles {
         self.files.iter().any(|f| f.crypt.is_some())
     }
 
+    /// Whether the job's I/O goes through the page cache: some file is written without
+    /// O_DIRECT, or (`reads_too`) no file uses O_DIRECT at all.
+    pub fn page_cache_only(&self, reads_too: bool) -> bool {
+        self.buffered_writes()
+            || (reads_too
+                && !self.files.is_empty()
+                && self.files.iter().all(|f| f.direct.is_none()))
+    }
+
     /// Whether some file is opened for writing through the page cache (no O_DIRECT).
     pub fn buffered_writes(&self) -> bool {
         self.files.iter().any(|f| f.writable && f.direct.is_none())

@@ -51,6 +51,10 @@ pub struct EngineConfig {
     pub reap_batch_percent: u8,
     /// worker threads of each shard's thread-pool queue; 0 = the default (4)
     pub io_threads: usize,
+    /// a job whose files are all read and written through the page cache runs on the
+    /// thread pool (see [`BackendChoice::resolve`]); bench clears it, so `-i` left unset
+    /// keeps its cached reads on the ring, one op per system call without a hand-over
+    pub cached_reads_on_pool: bool,
 }
 
 impl Default for EngineConfig {
@@ -68,6 +72,7 @@ impl Default for EngineConfig {
             unit,
             reap_batch_percent: 0,
             io_threads: 0,
+            cached_reads_on_pool: true,
         }
     }
 }

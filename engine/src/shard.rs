@@ -174,7 +174,9 @@ impl Pool {
         let cpus = std::thread::available_parallelism()
             .map(|c| c.get())
             .unwrap_or(1);
-        let backend = cfg.backend.resolve(files.buffered_writes());
+        let backend = cfg
+            .backend
+            .resolve(files.page_cache_only(cfg.cached_reads_on_pool));
         let reap_batch = usize::from(cfg.reap_batch_percent.min(100));
         let io_threads = if cfg.io_threads == 0 {
             io::threads::DEFAULT_WORKERS
@@ -430,10 +432,27 @@ mod tests {
         read_only
             .add(&engine, &src, false, CacheMode::Writeback)
             .unwrap();
+        // Buffered reads alone: the pool, unless the job keeps them on the ring (bench).
         assert_eq!(
-            BackendChoice::Auto.resolve(read_only.buffered_writes()),
+            BackendChoice::Auto.resolve(read_only.page_cache_only(true)),
+            BackendChoice::Threads
+        );
+        assert_eq!(
+            BackendChoice::Auto.resolve(read_only.page_cache_only(false)),
             BackendChoice::Auto
         );
+        let mut direct = JobFiles::default();
+        direct.add(&engine, &src, false, CacheMode::None).unwrap();
+        direct
+            .add(&engine, &dst, false, CacheMode::Writeback)
+            .unwrap();
+        if direct.align(crate::files::FileIdx(0)) > 1 {
+            // (O_DIRECT was accepted here: not on tmpfs.)
+            assert_eq!(
+                BackendChoice::Auto.resolve(direct.page_cache_only(true)),
+                BackendChoice::Auto
+            );
+        }
 
         let mut buffered = JobFiles::default();
         buffered
@@ -443,12 +462,12 @@ mod tests {
             .add(&engine, &dst, true, CacheMode::Writeback)
             .unwrap();
         assert_eq!(
-            BackendChoice::Auto.resolve(buffered.buffered_writes()),
+            BackendChoice::Auto.resolve(buffered.page_cache_only(false)),
             BackendChoice::Threads
         );
         // An explicit choice is kept.
         assert_eq!(
-            BackendChoice::IoUring.resolve(buffered.buffered_writes()),
+            BackendChoice::IoUring.resolve(buffered.page_cache_only(true)),
             BackendChoice::IoUring
         );
     }
