@@ -219,7 +219,12 @@ pub fn run(
     // writes 0.54 s / 0.64 s). Writes through a format (allocation, metadata commit) and
     // encrypted images spread over the shards (qcow2 1 MiB qd4 writes: 1.04 s / 1.35 s).
     let cpu_bound = mapped.as_ref().is_some_and(|m| m.writer.is_some()) || files.any_encrypted();
-    let shards = if cpu_bound { most_shards } else { 1 };
+    // (Depths beyond what one shard's buffer indices hold are spread too.)
+    let shards = if cpu_bound || opts.depth > 16 << 10 {
+        most_shards
+    } else {
+        1
+    };
     let per_shard = opts.depth.div_ceil(shards as u64) as usize;
     let files = Arc::new(files);
     let merged = Arc::new(Mutex::new(new_histogram()));

@@ -20,6 +20,9 @@ use crate::Result;
 /// The module parameter that sets the smallest buddy order reported to the host.
 const ORDER_PARAM: &str = "/sys/module/page_reporting/parameters/page_reporting_order";
 
+/// The kernel's reporting order with 4 KiB pages (`pageblock_order`).
+const DEFAULT_ORDER: usize = 9;
+
 /// Free page reporting paused; the old order is written back when this is dropped.
 pub(crate) struct ReportingPause {
     old: String,
@@ -34,11 +37,10 @@ impl ReportingPause {
         };
         let buddy = fs::read_to_string("/proc/buddyinfo").unwrap_or_default();
         let above = orders(&buddy).unwrap_or(11);
+        let old = value_to_restore(&old, above);
         fs::write(ORDER_PARAM, format!("{above}\n"))
             .map_err(|e| format!("writing {ORDER_PARAM}: {e}"))?;
-        Ok(Some(ReportingPause {
-            old: old.trim().to_string(),
-        }))
+        Ok(Some(ReportingPause { old }))
     }
 }
 
@@ -51,6 +53,21 @@ impl Drop for ReportingPause {
             );
         }
     }
+}
+
+/// The order to put back at the end, given the value found (`old`) and the value that pauses
+/// reporting (`above`, the number of buddy orders). A value at or above `above` was left by a
+/// killed run: then the kernel's default, or reporting would stay off for good.
+fn value_to_restore(old: &str, above: usize) -> String {
+    let old = old.trim();
+    if old.parse::<usize>().is_ok_and(|o| o >= above) {
+        eprintln!(
+            "warning: {ORDER_PARAM} was {old}, as a killed run leaves it; it will be set to \
+             {DEFAULT_ORDER} at the end"
+        );
+        return DEFAULT_ORDER.to_string();
+    }
+    old.to_string()
 }
 
 /// The number of buddy orders (largest order + 1) from `/proc/buddyinfo`: the free-block counts
@@ -106,6 +123,13 @@ mod tests {
                     Node 0, zone    DMA32      4      3      2      5      4      4      3      3      3      2    640 \n";
         assert_eq!(orders(info), Some(11));
         assert_eq!(orders(""), None);
+    }
+
+    #[test]
+    fn a_left_over_pause_is_not_restored() {
+        assert_eq!(value_to_restore("9\n", 11), "9");
+        assert_eq!(value_to_restore("11\n", 11), "9");
+        assert_eq!(value_to_restore("12", 11), "9");
     }
 
     #[test]

@@ -50,7 +50,15 @@ const HUGE: usize = 2 << 20;
 /// O_DIRECT request in two; physically contiguous huge pages make it one segment. qemu-img's
 /// buffers are aligned the same way, and its 1 MiB writes go out whole.
 fn map_region(len: usize) -> io::Result<NonNull<u8>> {
-    let extra = if len >= HUGE { HUGE } else { 0 };
+    // Only with 4 KiB pages: there 2 MiB is the huge page size and `len` (a multiple of
+    // 4096) ends on a page boundary, so the tail below can be unmapped exactly.
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    let extra = if len >= HUGE && page == ALIGN as libc::c_long {
+        HUGE
+    } else {
+        0
+    };
     let total = len
         .checked_add(extra)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "arena too large"))?;
