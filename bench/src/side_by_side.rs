@@ -287,22 +287,6 @@ fn rimg_engine(rimg: &Tool, args: &[String]) -> Option<String> {
     Some(items.join("; "))
 }
 
-/// Whether this machine is a VM whose virtio-balloon reports free pages to the host
-/// (`VIRTIO_BALLOON_F_REPORTING`, feature bit 5). The host then discards memory the guest frees, and the
-/// guest faults it back in on its next use: a buffered convert that writes GiBs into freshly allocated page
-/// cache runs several times slower when the pages freed by the previous run's deleted output have been
-/// reported in between (a matter of timing, so such rows turn bimodal for both tools alike).
-fn free_page_reporting() -> bool {
-    let Ok(devices) = fs::read_dir("/sys/bus/virtio/drivers/virtio_balloon") else {
-        return false;
-    };
-    devices.flatten().any(|d| {
-        fs::read_to_string(d.path().join("features"))
-            .map(|f| f.as_bytes().get(5) == Some(&b'1'))
-            .unwrap_or(false)
-    })
-}
-
 /// Pauses free page reporting and touches enough memory for the buffered workloads (see `memory.rs`).
 /// Returns the pause (restoring the old setting when dropped), or `None` with a note if it cannot be
 /// paused here.
@@ -510,7 +494,7 @@ fn run(opts: Options) -> Result<()> {
         git_subject: git(&["log", "-1", "--format=%s"]),
         git_dirty: git(&["status", "--porcelain", "--untracked-files=no"]).map(|s| !s.is_empty()),
         warmup: opts.warmup,
-        free_page_reporting: free_page_reporting(),
+        free_page_reporting: memory::free_page_reporting(),
         page_reporting_paused: false,
         machine: machine(),
         scratch_fs: String::new(),

@@ -313,7 +313,7 @@ impl JobFiles {
     }
 
     /// Whether some file is opened for writing through the page cache (no O_DIRECT).
-    pub fn buffered_writes(&self) -> bool {
+    fn buffered_writes(&self) -> bool {
         self.files.iter().any(|f| f.writable && f.direct.is_none())
     }
 

@@ -83,13 +83,35 @@ fn orders(buddyinfo: &str) -> Option<usize> {
 /// Free memory in bytes (`MemFree` of `/proc/meminfo`).
 pub(crate) fn mem_free() -> Option<u64> {
     let info = fs::read_to_string("/proc/meminfo").ok()?;
-    mem_free_of(&info)
+    meminfo_bytes(&info, "MemFree:")
 }
 
-fn mem_free_of(meminfo: &str) -> Option<u64> {
-    let line = meminfo.lines().find(|l| l.starts_with("MemFree:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+/// The value of `key` (`MemTotal:`, `MemFree:` ...) in `/proc/meminfo` text, in bytes.
+pub(crate) fn meminfo_bytes(meminfo: &str, key: &str) -> Option<u64> {
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix(key))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
     Some(kib * 1024)
+}
+
+/// Whether this machine is a VM whose virtio-balloon reports free pages to the host
+/// (`VIRTIO_BALLOON_F_REPORTING`, feature bit 5). The host then discards memory the guest frees, and the
+/// guest faults it back in on its next use: a buffered convert that writes GiBs into freshly allocated page
+/// cache runs several times slower when the pages freed by the previous run's deleted output have been
+/// reported in between (a matter of timing, so such rows turn bimodal for both tools alike).
+pub(crate) fn free_page_reporting() -> bool {
+    let Ok(devices) = fs::read_dir("/sys/bus/virtio/drivers/virtio_balloon") else {
+        return false;
+    };
+    devices.flatten().any(|d| {
+        fs::read_to_string(d.path().join("features"))
+            .map(|f| f.as_bytes().get(5) == Some(&b'1'))
+            .unwrap_or(false)
+    })
 }
 
 /// Touches `bytes` of fresh memory, one write per page, and frees it: afterwards the free lists hold that
@@ -135,8 +157,8 @@ mod tests {
     #[test]
     fn mem_free_is_read_in_bytes() {
         let info = "MemTotal:       24578044 kB\nMemFree:        17756548 kB\n";
-        assert_eq!(mem_free_of(info), Some(17756548 * 1024));
-        assert_eq!(mem_free_of("MemTotal: 1 kB\n"), None);
+        assert_eq!(meminfo_bytes(info, "MemFree:"), Some(17756548 * 1024));
+        assert_eq!(meminfo_bytes("MemTotal: 1 kB\n", "MemFree:"), None);
     }
 
     #[test]

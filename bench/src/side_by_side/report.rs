@@ -193,12 +193,7 @@ pub(crate) fn machine() -> Machine {
             .map(|s| s.trim().to_string())
             .unwrap_or_default()
     };
-    let meminfo = read("/proc/meminfo");
-    let mem_kib: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
+    let mem_bytes = crate::memory::meminfo_bytes(&read("/proc/meminfo"), "MemTotal:").unwrap_or(0);
     let cpuinfo = read("/proc/cpuinfo");
     let cpu = cpuinfo
         .lines()
@@ -209,7 +204,7 @@ pub(crate) fn machine() -> Machine {
     Machine {
         hostname: read("/proc/sys/kernel/hostname"),
         nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
-        mem_bytes: mem_kib * 1024,
+        mem_bytes,
         kernel: read("/proc/sys/kernel/osrelease"),
         cpu,
     }
